@@ -1,0 +1,54 @@
+"""House rules that a code review would otherwise have to catch: boundaries, lint, CI = README."""
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_gpt_library_never_imports_prefect_or_mlflow():
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(imported_modules(p) & {"prefect", "mlflow", "flows"})
+        for p in (ROOT / "gpt").rglob("*.py")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.S)
+    test_cmds = [
+        line for b in blocks for line in b.splitlines() if "pytest" in line and "pip install" in line
+    ]
+    assert test_cmds, "README.md must show one command that installs and runs the tests"
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert test_cmds[0].strip() in ci, ".ci/run must call exactly the README's test command"
+
+
+@pytest.mark.skipif(
+    shutil.which("ruff") is None and not (Path(sys.prefix) / "bin" / "ruff").exists(),
+    reason="ruff not installed",
+)
+def test_ruff_lint_and_format_are_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.prefix) / "bin" / "ruff")
+    lint = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    fmt = subprocess.run([ruff, "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
