@@ -1,0 +1,480 @@
+"""Token shards on disk: writing them from a corpus, and reading them back for training and evaluation.
+
+A shard directory holds ``{split}_{NNNNNN}.bin`` files of raw little-endian token ids (uint16 when the
+vocabulary fits, else uint32), a copy of ``tokenizer.model``, and ``manifest.json`` written last with
+the dtype, the tokenizer hash, every shard's token count and sha256, and per-split sizes. Documents are
+separated by EOS. The test split is held out: counted in the manifest, never tokenized into shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gpt.config import ConfigBase, _in_range, _positive
+from gpt.io import MANIFEST, atomic_path, read_manifest, sha256_file, write_manifest
+from gpt.tokenizer import EOS_ID, MODEL_FILE, Tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from gpt.corpora import Corpus
+
+log = logging.getLogger(__name__)
+
+FORMAT = "gptflow-shards-v1"
+SPLITS = ("train", "val", "test")
+IGNORE_INDEX = -100  # label value the loss ignores (padding in the last val window)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing shards
+
+
+@dataclass
+class ShardConfig(ConfigBase):
+    """How a corpus is split, tokenized and cut into shards."""
+
+    shard_tokens: int = 2**24  # tokens per shard file (the last shard of a split may be shorter)
+    val_fraction: float = 0.05  # fraction of documents in the val split (by content hash)
+    test_fraction: float = 0.05  # fraction of documents held out as test (not sharded)
+    split_salt: str = ""  # salt for the content hash that assigns splits (change to re-draw them)
+    num_proc: int = 1  # worker processes for datasets.map (> 1 pays off above a few MB of text)
+    batch_size: int = 1000  # documents per datasets.map batch
+
+    def __post_init__(self) -> None:
+        _positive(self, "shard_tokens", "num_proc", "batch_size")
+        for name in ("shard_tokens", "num_proc", "batch_size"):
+            if not isinstance(getattr(self, name), int):
+                raise ValueError(f"ShardConfig.{name}={getattr(self, name)!r} must be an integer")
+        _in_range(self, "val_fraction", 0.0, 1.0)
+        _in_range(self, "test_fraction", 0.0, 1.0)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"ShardConfig: val_fraction + test_fraction = {self.val_fraction + self.test_fraction} "
+                "must be < 1 so that some documents are left for training"
+            )
+
+
+class _ShardWriter:
+    """Appends tokens of one split to fixed-size shard files, each written atomically when full."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype: np.dtype):
+        self.out_dir, self.split, self.shard_tokens, self.dtype = out_dir, split, shard_tokens, dtype
+        self.shards: list[dict[str, Any]] = []
+        self._buf = np.empty(shard_tokens, dtype=dtype)
+        self._fill = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            n = min(len(ids), self.shard_tokens - self._fill)
+            self._buf[self._fill : self._fill + n] = ids[:n]
+            self._fill += n
+            ids = ids[n:]
+            if self._fill == self.shard_tokens:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._fill == 0:
+            return
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        data = self._buf[: self._fill].astype(self.dtype.newbyteorder("<"), copy=False)
+        with atomic_path(self.out_dir / name) as tmp:
+            data.tofile(tmp)
+        self.shards.append(
+            {
+                "file": name,
+                "n_tokens": int(self._fill),
+                "bytes": int(data.nbytes),
+                "sha256": sha256_file(self.out_dir / name),
+            }
+        )
+        self._fill = 0
+
+    def close(self) -> list[dict[str, Any]]:
+        self._flush()
+        return self.shards
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
+    """datasets.map function: EOS-terminated ids for train/val documents; test ones are only measured."""
+    keep = [i for i, s in enumerate(batch["split"]) if s != "test"]
+    encoded = tokenizer.encode_batch([batch["text"][i] for i in keep], add_eos=True)
+    ids: list[list[int]] = [[] for _ in batch["split"]]
+    for i, e in zip(keep, encoded, strict=True):
+        ids[i] = e
+    return {
+        "input_ids": ids,
+        "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]],
+    }
+
+
+def shard_corpus(
+    corpus: Corpus | str, tokenizer_path: str | Path, out_dir: str | Path, config: ShardConfig
+) -> dict[str, Any]:
+    """Split, tokenize and shard ``corpus`` into ``out_dir``; return the manifest (written last)."""
+    import datasets
+
+    from gpt.corpora import load_corpus, split_of
+
+    if isinstance(corpus, str | Path):
+        corpus = load_corpus(str(corpus))
+    tokenizer = Tokenizer(tokenizer_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # A stale manifest would vouch for shards this run is about to replace.
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for old in out_dir.glob("*_[0-9][0-9][0-9][0-9][0-9][0-9].bin"):
+        old.unlink()
+    dtype = token_dtype(tokenizer.vocab_size)
+    t0 = time.perf_counter()
+
+    n_read = [0]
+
+    def documents() -> Iterator[dict[str, str]]:
+        for doc in corpus:
+            n_read[0] += 1
+            yield {
+                "text": doc.text,
+                "split": split_of(doc.text, config.val_fraction, config.test_fraction, config.split_salt),
+            }
+
+    features = datasets.Features({"text": datasets.Value("string"), "split": datasets.Value("string")})
+    writers = {s: _ShardWriter(out_dir, s, config.shard_tokens, dtype) for s in ("train", "val")}
+    sizes = {s: {"n_docs": 0, "n_tokens": 0, "n_bytes": 0} for s in SPLITS}
+    # The corpus streams through arrow files in a scratch dir (memory stays bounded); removed afterwards.
+    scratch = Path(tempfile.mkdtemp(prefix=".shard-cache-", dir=out_dir))
+    progress = datasets.is_progress_bar_enabled()
+    try:
+        datasets.disable_progress_bars()
+        try:
+            ds = datasets.Dataset.from_generator(
+                documents,
+                features=features,
+                cache_dir=str(scratch),
+                writer_batch_size=config.batch_size,
+                # A fresh fingerprint per run: the corpus object is not what datasets can hash reliably.
+                fingerprint=f"docs-{os.getpid()}-{time.time_ns()}",
+            )
+        except datasets.exceptions.DatasetGenerationError as e:
+            # Surface the corpus's own error (bad file, missing column) rather than datasets' wrapper.
+            if e.__cause__ is not None:
+                raise e.__cause__ from None
+            raise
+        except ValueError:
+            if n_read[0]:
+                raise
+            ds = None  # datasets refuses to build an empty dataset
+        if ds is None or len(ds) == 0:
+            raise ValueError(
+                f"corpus {corpus.name!r} has no documents; check the --corpus name or path "
+                "(empty files and blank lines are skipped)"
+            )
+        if progress:
+            datasets.enable_progress_bars()
+        ds = ds.map(
+            _tokenize_batch,
+            fn_kwargs={"tokenizer": tokenizer},
+            batched=True,
+            batch_size=config.batch_size,
+            num_proc=config.num_proc if config.num_proc > 1 else None,
+            remove_columns=["text"],
+            new_fingerprint=f"tok-{tokenizer.hash[:16]}-{time.time_ns()}",
+            desc="tokenizing",
+        )
+        for batch in ds.iter(batch_size=config.batch_size):
+            for split, ids, n_bytes in zip(batch["split"], batch["input_ids"], batch["n_bytes"], strict=True):
+                size = sizes[split]
+                size["n_docs"] += 1
+                size["n_bytes"] += n_bytes
+                if split != "test":
+                    size["n_tokens"] += len(ids)
+                    writers[split].write(np.asarray(ids, dtype=dtype))
+        shards = {s: w.close() for s, w in writers.items()}
+        del ds
+    finally:
+        if progress:
+            datasets.enable_progress_bars()
+        shutil.rmtree(scratch, ignore_errors=True)
+    if sizes["train"]["n_tokens"] == 0:
+        raise ValueError(
+            f"no training tokens: all {sizes['val']['n_docs'] + sizes['test']['n_docs']} documents fell in "
+            "val/test; use a larger corpus or lower --val-fraction/--test-fraction"
+        )
+    shutil.copyfile(tokenizer.path, out_dir / MODEL_FILE)
+    seconds = time.perf_counter() - t0
+    total_bytes = sum(s["n_bytes"] for s in sizes.values())
+    splits = {s: {**sizes[s], "shards": shards.get(s, [])} for s in SPLITS}
+    splits["test"]["n_tokens"] = None  # held out: not tokenized here
+    manifest = dict(
+        stage="shard",
+        format=FORMAT,
+        dtype=dtype.name,
+        eos_id=EOS_ID,
+        tokenizer={"file": MODEL_FILE, "sha256": tokenizer.hash, "vocab_size": tokenizer.vocab_size},
+        source=corpus.name,
+        corpus_stats=dict(corpus.stats),
+        config=config.to_dict(),
+        splits=splits,
+        metrics={
+            "seconds": round(seconds, 3),
+            "mb_per_s": round(total_bytes / 1e6 / max(seconds, 1e-9), 3),
+            "n_bytes": total_bytes,
+        },
+    )
+    write_manifest(out_dir, **manifest)
+    log.info(
+        "sharded %s: train %d docs / %d tokens, val %d docs / %d tokens, test %d docs held out (%.1fs)",
+        corpus.name,
+        sizes["train"]["n_docs"],
+        sizes["train"]["n_tokens"],
+        sizes["val"]["n_docs"],
+        sizes["val"]["n_tokens"],
+        sizes["test"]["n_docs"],
+        seconds,
+    )
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading shards
+
+
+class ShardDataset:
+    """One split of a shard directory as a single memory-mapped token sequence."""
+
+    def __init__(
+        self,
+        shard_dir: str | Path,
+        split: str = "train",
+        tokenizer_hash: str | None = None,
+        verify: bool = True,
+    ):
+        self.shard_dir = Path(shard_dir)
+        if not (self.shard_dir / MANIFEST).is_file():
+            raise FileNotFoundError(
+                f"no {MANIFEST} in {self.shard_dir}: not a shard directory, or the shard stage did not "
+                "finish; run `gptflow shard --corpus ... --tokenizer ... --out DIR`"
+            )
+        self.manifest = read_manifest(self.shard_dir)
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(
+                f"{self.shard_dir / MANIFEST} has format {self.manifest.get('format')!r}, expected {FORMAT!r}; "
+                "re-run `gptflow shard`"
+            )
+        splits = self.manifest["splits"]
+        if split not in splits or split not in ("train", "val"):
+            raise ValueError(
+                f"split {split!r} has no shards; choose train or val (the test split is held out "
+                "and read from the corpus by evaluation)"
+            )
+        manifest_hash = self.manifest["tokenizer"]["sha256"]
+        if tokenizer_hash is not None and tokenizer_hash != manifest_hash:
+            raise ValueError(
+                f"tokenizer mismatch: shards in {self.shard_dir} were made with tokenizer {manifest_hash}, "
+                f"but the given tokenizer is {tokenizer_hash}; re-shard with this tokenizer or use the "
+                f"tokenizer.model stored in {self.shard_dir}"
+            )
+        self.split = split
+        self.tokenizer_hash = manifest_hash
+        self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
+        self.shards = splits[split]["shards"]
+        self._maps: list[np.memmap] = []
+        for shard in self.shards:
+            path = self.shard_dir / shard["file"]
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"shard {path} listed in the manifest is missing; re-run `gptflow shard`"
+                )
+            expected = shard["n_tokens"] * self.dtype.itemsize
+            actual = path.stat().st_size
+            if actual != expected:
+                raise ValueError(
+                    f"shard {path} is truncated or corrupt: {actual} bytes, manifest says {expected} "
+                    f"({shard['n_tokens']} tokens); re-run `gptflow shard`"
+                )
+            if verify and (digest := sha256_file(path)) != shard["sha256"]:
+                raise ValueError(
+                    f"shard {path} checksum mismatch: sha256 {digest}, manifest says {shard['sha256']}; "
+                    "the file changed after sharding, re-run `gptflow shard`"
+                )
+            self._maps.append(np.memmap(path, dtype=self.dtype, mode="r"))
+        self._offsets = np.cumsum([0] + [s["n_tokens"] for s in self.shards])
+        self.num_tokens = int(self._offsets[-1])
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def __repr__(self) -> str:
+        return f"ShardDataset({str(self.shard_dir)!r}, split={self.split!r}, tokens={self.num_tokens})"
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` as a fresh array, read across shard boundaries."""
+        if start < 0 or length < 0 or start + length > self.num_tokens:
+            raise IndexError(
+                f"window [{start}, {start + length}) is outside the {self.split} split's {self.num_tokens} tokens"
+            )
+        out = np.empty(length, dtype=self.dtype)
+        i = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        pos, filled = start, 0
+        while filled < length:
+            local = pos - int(self._offsets[i])
+            n = min(length - filled, self.shards[i]["n_tokens"] - local)
+            out[filled : filled + n] = self._maps[i][local : local + n]
+            filled += n
+            pos += n
+            i += 1
+        return out
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # (torch is imported inside functions: the CLI imports this module for ShardConfig alone.)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+class TrainLoader:
+    """Random ``block_size + 1`` windows, a pure function of (seed, step, rank).
+
+    Each epoch the split is cut into non-overlapping windows at a random offset and visited in a random
+    order; global sample ``step * batch_size * world_size + rank * batch_size + i`` is that order's
+    entry, so ranks draw disjoint windows and resuming at a step reproduces the same batches.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        block_size: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+    ):
+        if block_size <= 0 or batch_size <= 0:
+            raise ValueError(f"block_size={block_size} and batch_size={batch_size} must be positive")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        n = dataset.num_tokens
+        if n < block_size + 1:
+            raise ValueError(
+                f"the {dataset.split} split has {n} tokens, fewer than one window of block_size+1="
+                f"{block_size + 1}; use a larger corpus or a smaller block_size"
+            )
+        self.dataset, self.block_size, self.batch_size = dataset, block_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        import torch
+
+        self.device = torch.device(device)
+        self.step = 0
+        # Random offsets in [0, T) need room for one extra block; tiny splits use offset 0.
+        self._random_offset = (n - block_size) // block_size >= 1
+        self.n_windows = (n - block_size) // block_size if self._random_offset else (n - 1) // block_size
+        self._epochs: dict[int, tuple[int, np.ndarray]] = {}
+
+    def _epoch(self, epoch: int) -> tuple[int, np.ndarray]:
+        """(offset, window order) of an epoch; the two latest are cached (a batch may straddle epochs)."""
+        if epoch not in self._epochs:
+            rng = np.random.default_rng([self.seed, epoch])
+            offset = int(rng.integers(0, self.block_size)) if self._random_offset else 0
+            self._epochs = {e: v for e, v in self._epochs.items() if e == epoch - 1}
+            self._epochs[epoch] = (offset, rng.permutation(self.n_windows))
+        return self._epochs[epoch]
+
+    def sample_starts(self, step: int) -> np.ndarray:
+        """Token offsets of this rank's windows at ``step``."""
+        first = (step * self.world_size + self.rank) * self.batch_size
+        starts = np.empty(self.batch_size, dtype=np.int64)
+        for i, g in enumerate(range(first, first + self.batch_size)):
+            offset, order = self._epoch(g // self.n_windows)
+            starts[i] = offset + int(order[g % self.n_windows]) * self.block_size
+        return starts
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x, y`` int64 of shape (batch_size, block_size); ``y`` is ``x`` shifted left by one."""
+        import torch
+
+        T = self.block_size
+        buf = np.stack([self.dataset.window(int(s), T + 1) for s in self.sample_starts(self.step)])
+        self.step += 1
+        data = torch.from_numpy(buf.astype(np.int64))  # (B, T+1)
+        return _to_device(data[:, :-1].contiguous(), self.device), _to_device(
+            data[:, 1:].contiguous(), self.device
+        )
+
+    @property
+    def epoch(self) -> float:
+        return self.step * self.batch_size * self.world_size / self.n_windows
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "block_size": self.block_size,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_tokens": self.dataset.num_tokens,
+            "tokenizer_hash": self.dataset.tokenizer_hash,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("block_size", "batch_size", "world_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"loader state has {key}={state[key]}, this loader has {getattr(self, key)}; "
+                    "resume with the same block_size, batch_size and world_size"
+                )
+        if "num_tokens" in state and state["num_tokens"] != self.dataset.num_tokens:
+            raise ValueError(
+                f"loader state was saved on a split of {state['num_tokens']} tokens, this one has "
+                f"{self.dataset.num_tokens}; resume on the same shards"
+            )
+        self.seed = int(state["seed"])
+        self.step = int(state["step"])
+        self._epochs = {}
+
+
+def val_batches(
+    dataset: ShardDataset,
+    block_size: int,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    max_batches: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Sequential windows ``[i*T, i*T + T + 1)`` that predict every token of the split after the first once.
+
+    The last window may be shorter: its ``x`` is padded with the pad id and its ``y`` with -100 so the
+    loss ignores the padding. The final batch may have fewer rows.
+    """
+    import torch
+
+    T, n = block_size, dataset.num_tokens
+    if n < 2:
+        raise ValueError(f"the {dataset.split} split has {n} tokens; evaluation needs at least 2")
+    device = torch.device(device)
+    n_windows = -(-(n - 1) // T)  # ceil: every target token 1..n-1 appears once
+    for b, first in enumerate(range(0, n_windows, batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
+        rows = range(first, min(first + batch_size, n_windows))
+        x = np.zeros((len(rows), T), dtype=np.int64)
+        y = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
+        for r, w in enumerate(rows):
+            tokens = dataset.window(w * T, min(T + 1, n - w * T)).astype(np.int64)
+            x[r, : len(tokens) - 1] = tokens[:-1]
+            y[r, : len(tokens) - 1] = tokens[1:]
+        yield _to_device(torch.from_numpy(x), device), _to_device(torch.from_numpy(y), device)
