@@ -220,13 +220,15 @@ def _chatterbot_qa(language: str = "english") -> Callable[[_DecodeCounter], Iter
             for conv in data.get("conversations") or []:
                 if not isinstance(conv, list) or len(conv) < 2:
                     continue
-                prompt, reply = str(conv[0]).strip(), str(conv[1]).strip()
-                if prompt and reply:
-                    yield Document(
-                        text=f"{prompt}\n{reply}",
-                        label=str(category),
-                        meta={"prompt": prompt, "completion": reply, "file": path.name},
-                    )
+                # Every turn is a prompt for the turn that follows it in the dialog.
+                for first, second in zip(conv, conv[1:], strict=False):
+                    prompt, reply = str(first).strip(), str(second).strip()
+                    if prompt and reply:
+                        yield Document(
+                            text=f"{prompt}\n{reply}",
+                            label=str(category),
+                            meta={"prompt": prompt, "completion": reply, "file": path.name},
+                        )
 
     return read
 
