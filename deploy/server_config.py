@@ -1,0 +1,62 @@
+"""Settings of the inference server (``gptflow serve``): stdlib only, so the CLI can build its flags cheaply."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+CONTEXT_POLICIES = ("error", "sliding")
+
+
+@dataclass
+class ServerConfig:
+    """Limits and wiring of the OpenAI-compatible server; every field is a ``gptflow serve`` flag."""
+
+    host: str = "127.0.0.1"  # interface to bind; loopback unless you mean to expose the server
+    port: int = 8000  # TCP port (0 picks a free one)
+    workers: int = 2  # threads running model calls; each model has one ONNX Runtime session they share
+    queue_size: int = 16  # requests that may wait for a free worker; beyond that the server answers 503
+    max_tokens_cap: int = 256  # largest max_tokens a completion request may ask for
+    default_max_tokens: int = 16  # max_tokens when a request leaves it out (OpenAI's default)
+    max_prompt_tokens: int = 4096  # longest prompt or text to classify, in tokens
+    max_choices: int = 16  # prompts x n in one completion request, texts in one classify request
+    max_body_bytes: int = 1_000_000  # larger request bodies get 413
+    timeout_s: float = 60.0  # per-request limit incl. queueing: 504, or an error event mid-stream
+    api_key: str | None = None  # require "Authorization: Bearer <key>" on /v1/* (or set GPTFLOW_API_KEY)
+    model_name: str | None = None  # id the language model is served under; unset: the bundle name
+    context_policy: str = "error"  # error: prompt + max_tokens must fit the context | sliding: window slides
+    retry_after_s: int = 1  # Retry-After header value on 503 (server busy)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "workers",
+            "max_tokens_cap",
+            "default_max_tokens",
+            "max_prompt_tokens",
+            "max_choices",
+            "max_body_bytes",
+            "retry_after_s",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ServerConfig.{name}={value!r} must be an integer >= 1")
+        if not isinstance(self.queue_size, int) or self.queue_size < 0:
+            raise ValueError(f"ServerConfig.queue_size={self.queue_size!r} must be an integer >= 0")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"ServerConfig.port={self.port!r} must be in [0, 65535] (0 = any free port)")
+        if not isinstance(self.timeout_s, int | float) or math.isnan(self.timeout_s) or self.timeout_s <= 0:
+            raise ValueError(
+                f"ServerConfig.timeout_s={self.timeout_s!r} must be a positive number of seconds"
+            )
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError(
+                f"ServerConfig.default_max_tokens={self.default_max_tokens} exceeds "
+                f"max_tokens_cap={self.max_tokens_cap}; lower it or raise --max-tokens-cap"
+            )
+        if self.context_policy not in CONTEXT_POLICIES:
+            raise ValueError(
+                f"ServerConfig.context_policy={self.context_policy!r} is not allowed; "
+                f"choose one of {', '.join(CONTEXT_POLICIES)}"
+            )
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("ServerConfig.api_key is empty; pass a non-empty key or leave it out")
