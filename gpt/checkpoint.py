@@ -5,24 +5,45 @@ A model directory holds:
     model.json          {"model": ModelConfig dict, "tokenizer_hash": str | None, "labels": [...], ...}
     tokenizer.model     (optional) the sentencepiece model the weights were trained with
 
-Training checkpoints (gpt/train.py) add optimizer/scheduler/RNG/loader state beside these files.
+A training checkpoint (``run/checkpoints/step-000060/``) is a model directory plus
+    optimizer.safetensors   AdamW state, flattened (gpt.optim.flatten_optimizer_state)
+    trainer_state.json      step, schedule, RNG states, loader cursors, loss history, configs,
+                            optimizer param groups and the sha256 of every file above (written last)
+It is built in a hidden temp directory and renamed into place, so it is either complete or absent.
+``run/latest`` names the newest complete checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt.config import ModelConfig
-from gpt.io import atomic_path, atomic_write_json, read_json
+from gpt.io import atomic_path, atomic_write_json, atomic_write_text, read_json, sha256_file
 from gpt.model import GPT
+from gpt.optim import flatten_optimizer_state, unflatten_optimizer_state
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
+TOKENIZER = "tokenizer.model"
+OPTIMIZER = "optimizer.safetensors"
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
 
 
 def unwrap(model: torch.nn.Module) -> GPT:
@@ -92,3 +113,176 @@ def load_model(
             f"checkpoint {ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return model.to(device).eval(), meta
+
+
+# --------------------------------------------------------------------------------------------
+# Training checkpoints
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a hidden temp directory beside ``path``; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():  # a directory cannot be renamed onto a non-empty one: move the old aside first
+            trash = path.parent / f".{path.name}.old-{os.getpid()}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(path, trash)
+            os.replace(tmp, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model_dir(
+    out_dir: str | Path, model: torch.nn.Module, tokenizer_path: str | Path | None = None, **meta: Any
+) -> Path:
+    """A self-contained model directory (weights, sidecar, tokenizer), replaced atomically as a whole."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_model(tmp, model, **meta)
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+    return out_dir
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) generator states as JSON-able values."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save_training_checkpoint(
+    ckpt_dir: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    tokenizer_path: str | Path | None = None,
+    **meta: Any,
+) -> Path:
+    """Write model + optimizer + ``trainer_state`` (JSON-able) as one atomic checkpoint directory.
+
+    ``meta`` goes into model.json (tokenizer_hash, step, val metrics) so the directory also loads
+    with :func:`load_model`. Checksums of the files land in trainer_state.json, written last.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    with atomic_dir(ckpt_dir) as tmp:
+        save_model(tmp, model, **meta)
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        tensors, opt_meta = flatten_optimizer_state(optimizer)
+        with atomic_path(tmp / OPTIMIZER) as t:
+            save_file(tensors, str(t), metadata={"format": "pt"})
+        files = {name: sha256_file(tmp / name) for name in (WEIGHTS, META, OPTIMIZER)}
+        atomic_write_json(tmp / TRAINER_STATE, {**trainer_state, "optimizer": opt_meta, "files": files})
+    return ckpt_dir
+
+
+@dataclass
+class TrainingCheckpoint:
+    path: Path
+    step: int
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]  # ready for optimizer.load_state_dict
+    trainer_state: dict[str, Any]
+    meta: dict[str, Any]  # model.json
+
+
+def load_training_checkpoint(ckpt_dir: str | Path) -> TrainingCheckpoint:
+    """Read and verify a checkpoint written by :func:`save_training_checkpoint` (no pickle)."""
+    ckpt_dir = Path(ckpt_dir)
+    previous = _previous_hint(ckpt_dir)
+    try:
+        state = read_json(ckpt_dir / TRAINER_STATE, what="trainer state")
+        for name, digest in state.get("files", {}).items():
+            if not (ckpt_dir / name).is_file():
+                raise FileNotFoundError(f"{ckpt_dir / name} is missing")
+            if sha256_file(ckpt_dir / name) != digest:
+                raise ValueError(f"{ckpt_dir / name} does not match its recorded sha256")
+        meta = read_model_meta(ckpt_dir)
+        model_state = load_state_dict(ckpt_dir / WEIGHTS)
+        opt_tensors = load_state_dict(ckpt_dir / OPTIMIZER)
+        optimizer_state = unflatten_optimizer_state(opt_tensors, state["optimizer"])
+        step = int(state["step"])
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise ValueError(f"training checkpoint {ckpt_dir} is corrupt or incomplete: {e}. {previous}") from e
+    return TrainingCheckpoint(ckpt_dir, step, model_state, optimizer_state, state, meta)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories (those with a trainer_state.json), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.glob("step-*") if d.is_dir() and (d / TRAINER_STATE).is_file()]
+    return sorted(dirs, key=lambda d: d.name)
+
+
+def _previous_hint(ckpt_dir: Path) -> str:
+    run_dir = ckpt_dir.parent.parent
+    older = [d for d in list_checkpoints(run_dir) if d.name < ckpt_dir.name]
+    if older:
+        return (
+            f"Resume from the previous checkpoint {older[-1]} instead: delete {ckpt_dir} "
+            f"(or write '{CHECKPOINTS}/{older[-1].name}' into {run_dir / LATEST}) and resume again"
+        )
+    return "There is no earlier checkpoint: start the run again without --resume in a new output directory"
+
+
+def write_latest(run_dir: str | Path, ckpt_dir: str | Path) -> None:
+    atomic_write_text(Path(run_dir) / LATEST, f"{Path(ckpt_dir).relative_to(run_dir).as_posix()}\n")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint named by ``run_dir/latest``, else the newest complete one, else None."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if pointer.is_file():
+        target = run_dir / pointer.read_text(encoding="utf-8").strip()
+        if target.is_dir():
+            return target
+        log.warning("%s points at %s, which does not exist; using the newest checkpoint", pointer, target)
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and stale temp dirs of killed runs."""
+    root = Path(run_dir) / CHECKPOINTS
+    removed = list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+    if root.is_dir():
+        for d in root.glob(".step-*"):
+            if not d.name.endswith(f"-{os.getpid()}"):
+                shutil.rmtree(d, ignore_errors=True)
+    return removed

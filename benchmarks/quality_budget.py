@@ -1,0 +1,167 @@
+"""Val bits per byte on tinyshakespeare reached within a wall-clock budget (default 180 s).
+
+The standard split: first 90 % of the file trains, last 10 % evaluates. The budget covers everything
+up to the end of training (tokenizer training, encoding, compile, steps); the final evaluation over the
+whole val text runs after it. The learning rate warms up over steps, then decays by cosine over the
+*time* budget, so the schedule ends when the budget does. nanoGPT's char-level CPU example reaches
+1.886 nats/char = 2.72 bits per byte in about that time. Prints one JSON object.
+
+    python benchmarks/quality_budget.py                  # defaults: the tuned configuration
+    python benchmarks/quality_budget.py --budget 20      # quick sanity run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt.config import ModelConfig
+from gpt.model import GPT
+from gpt.optim import build_optimizer, set_lr
+from gpt.tokenizer import Tokenizer, TokenizerConfig
+from gpt.train import autocast, evaluate_lm, resolve_precision
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+NANOGPT_BPB = 2.72
+
+
+class ArrayDataset:
+    """The slice of gpt.data.ShardDataset that evaluate_lm needs, over an in-memory token array."""
+
+    def __init__(self, ids: np.ndarray, split: str):
+        self.ids, self.split, self.shard_dir = ids, split, "<memory>"
+        self.num_tokens = len(ids)
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        return self.ids[start : start + length]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--budget", type=float, default=180.0, help="wall-clock seconds up to the end of training")
+    p.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary size")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=192)
+    p.add_argument("--block", type=int, default=128, help="context length in tokens")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=30, help="warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"{args.data} not found; pass --data PATH to tinyshakespeare.txt")
+
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    text = args.data.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    train_text, val_text = text[:cut], text[cut:]
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Tokenizer.train([train_text], tmp, TokenizerConfig(vocab_size=args.vocab, num_threads=2))
+    train_ids = np.array(tok.encode(train_text), dtype=np.int64)
+    val_ids = np.array(tok.encode(val_text), dtype=np.int64)
+    t_tokenizer = time.perf_counter() - t_start
+
+    device = torch.device("cpu")
+    amp = resolve_precision(args.precision, device)
+    config = ModelConfig(
+        vocab_size=tok.vocab_size,
+        block_size=args.block,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        dropout=args.dropout,
+        bias=False,
+    )
+    raw = GPT(config).train()
+    model = torch.compile(raw) if args.compile else raw
+    opt = build_optimizer(raw, args.lr, args.weight_decay, (0.9, 0.99), device.type)
+    data = torch.from_numpy(train_ids)
+    T, B = args.block, args.batch
+    gen = torch.Generator().manual_seed(args.seed)
+
+    step, losses, first_step_s = 0, [], None
+    t_train = time.perf_counter()
+    while (elapsed := time.perf_counter() - t_start) < args.budget:
+        progress = min(1.0, elapsed / args.budget)
+        if step < args.warmup:
+            lr = args.lr * (step + 1) / args.warmup
+        else:
+            lr = args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+        set_lr(opt, lr)
+        ix = torch.randint(len(data) - T - 1, (B,), generator=gen)
+        x = torch.stack([data[i : i + T] for i in ix])
+        y = torch.stack([data[i + 1 : i + 1 + T] for i in ix])
+        t0 = time.perf_counter()
+        with autocast(device, amp):
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if first_step_s is None:
+            first_step_s = time.perf_counter() - t0
+        step += 1
+    train_s = time.perf_counter() - t_train
+
+    t_eval = time.perf_counter()
+    val = evaluate_lm(
+        raw, ArrayDataset(val_ids, "val"), T, 32, tok.token_byte_lengths(), device, autocast_dtype=amp
+    )
+    eval_s = time.perf_counter() - t_eval
+    print(
+        json.dumps(
+            {
+                "benchmark": "quality_budget",
+                "budget_s": args.budget,
+                "val_bpb": val["val_bpb"],
+                "val_loss_nats_per_token": val["val_loss"],
+                "val_bytes": val["val_bytes"],
+                "val_tokens": val["val_tokens"],
+                "bytes_per_token": val["val_bytes"] / val["val_tokens"],
+                "nanogpt_reference_bpb": NANOGPT_BPB,
+                "target_met": val["val_bpb"] <= 2.3,
+                "steps": step,
+                "tokens_seen": step * B * T,
+                "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
+                "tokenizer_s": t_tokenizer,
+                "first_step_s": first_step_s,
+                "train_s": train_s,
+                "eval_s": eval_s,
+                "threads": torch.get_num_threads(),
+                "config": {
+                    "tokenizer": f"sentencepiece bpe, vocab {tok.vocab_size}, trained on the train 90%",
+                    "model": config.to_dict(),
+                    "n_params": raw.num_parameters(),
+                    "batch_size": B,
+                    "lr": args.lr,
+                    "min_lr": args.min_lr,
+                    "warmup_steps": args.warmup,
+                    "weight_decay": args.weight_decay,
+                    "precision": "bf16" if amp else "fp32",
+                    "compile": args.compile,
+                    "seed": args.seed,
+                },
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Training throughput and MFU on nanoGPT's CPU example shape, in fp32 eager, bf16 and bf16 + compile.
+
+Shape: n_layer 4, n_head 4, n_embd 128, block 64, batch 12, char-level vocab 65 on tinyshakespeare,
+no dropout, no bias (nanoGPT's defaults). A step is the one gpt.train runs: bf16 autocast (fp32 master
+weights), fused AdamW, gradient clipping. MFU is against matmul peaks measured here, on the spot.
+nanoGPT itself measured ~18.7k tokens/s median on this machine class. Prints one JSON object.
+
+    python benchmarks/train_throughput.py                    # all modes
+    python benchmarks/train_throughput.py --steps 20 --modes fp32 bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt.config import ModelConfig
+from gpt.model import GPT
+from gpt.optim import build_optimizer
+from gpt.train import autocast
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+MODES = {  # name -> (autocast dtype, compile)
+    "fp32": (None, False),
+    "bf16": (torch.bfloat16, False),
+    "bf16_compile": (torch.bfloat16, True),
+    "fp32_compile": (None, True),
+}
+NANOGPT_TOKENS_PER_S = 18_700
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 1.5) -> float:
+    """Best-of FLOP/s of an n x n matmul in ``dtype``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def char_data(path: Path) -> tuple[torch.Tensor, int]:
+    text = path.read_text(encoding="utf-8")
+    vocab = sorted(set(text))
+    lut = {c: i for i, c in enumerate(vocab)}
+    return torch.from_numpy(np.array([lut[c] for c in text], dtype=np.int64)), len(vocab)
+
+
+def bench_mode(
+    data: torch.Tensor,
+    config: ModelConfig,
+    batch: int,
+    autocast_dtype,
+    compile: bool,
+    steps: int,
+    warmup: int,
+) -> dict:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    raw = GPT(config).train()
+    model = torch.compile(raw) if compile else raw
+    opt = build_optimizer(raw, 1e-3, 0.1, (0.9, 0.99), "cpu")
+    device = torch.device("cpu")
+    T = config.block_size
+
+    def step() -> float:
+        ix = torch.randint(len(data) - T - 1, (batch,), generator=gen)
+        x = torch.stack([data[i : i + T] for i in ix])
+        y = torch.stack([data[i + 1 : i + 1 + T] for i in ix])
+        t0 = time.perf_counter()
+        with autocast(device, autocast_dtype):
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        return time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    step()  # compiles when compile=True
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        step()
+    times = [step() for _ in range(steps)]
+    median = statistics.median(times)
+    tok_s = batch * T / median
+    flops = raw.flops_per_token(T) * tok_s
+    return {
+        "tokens_per_s": tok_s,
+        "step_ms_median": median * 1e3,
+        "step_ms_p10": float(np.percentile(times, 10)) * 1e3,
+        "step_ms_p90": float(np.percentile(times, 90)) * 1e3,
+        "flops_per_s": flops,
+        "compile_time_s": first - median if compile else 0.0,
+        "first_step_s": first,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--steps", type=int, default=100, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps after the first")
+    p.add_argument("--modes", nargs="+", default=["fp32", "bf16", "bf16_compile"], choices=list(MODES))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = p.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"{args.data} not found; pass --data PATH to tinyshakespeare.txt")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    data, vocab = char_data(args.data)
+    config = ModelConfig(
+        vocab_size=vocab, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False
+    )
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    results = {}
+    for mode in args.modes:
+        dtype, compile = MODES[mode]
+        r = bench_mode(data, config, 12, dtype, compile, args.steps, args.warmup)
+        r["mfu"] = r["flops_per_s"] / peaks["bf16" if dtype is not None else "fp32"]
+        r["speedup_vs_nanogpt"] = r["tokens_per_s"] / NANOGPT_TOKENS_PER_S
+        results[mode] = r
+    best = max(results, key=lambda m: results[m]["tokens_per_s"])
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_throughput",
+                "shape": {**config.to_dict(), "batch_size": 12},
+                "n_params": GPT(config).num_parameters(),
+                "flops_per_token": GPT(config).flops_per_token(64),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "cpu": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(),
+                "matmul_peak_flops": peaks,
+                "modes": results,
+                "best_mode": best,
+                "best_tokens_per_s": results[best]["tokens_per_s"],
+                "nanogpt_reference_tokens_per_s": NANOGPT_TOKENS_PER_S,
+                "target_met": results[best]["tokens_per_s"] >= 2 * NANOGPT_TOKENS_PER_S,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""``TrainConfig``: how a pretraining run goes. Torch-free so the CLI and Prefect can import it cheaply.
+
+``gpt.train`` re-exports it; presets match the ``ModelConfig`` presets of the same name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from gpt.config import ConfigBase, _one_of, _positive
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """Optimizer, schedule, evaluation, checkpointing and runtime settings of ``gpt.train.train``."""
+
+    batch_size: int = 16  # sequences per micro-batch on each rank
+    grad_accum: int = 1  # micro-batches per optimizer step (tokens/step = batch x block x accum x ranks)
+    max_steps: int = 2000  # optimizer steps in the run; the cosine schedule ends here
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    min_lr: float = 1e-4  # floor the cosine decay ends at
+    warmup_steps: int = 100  # steps of linear warmup
+    weight_decay: float = 0.1  # AdamW weight decay on matrices and embeddings (never biases or norms)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
+    eval_interval: int = 250  # evaluate on the val split every N steps (and at the end)
+    eval_batches: int = 20  # val batches per evaluation (0 = the whole val split)
+    log_interval: int = 10  # metrics.jsonl record, progress line and on_step callback every N steps
+    checkpoint_interval: int = 500  # training checkpoint every N steps (0 = only at the end)
+    keep_last: int = 3  # training checkpoints kept on disk (best/ is kept apart)
+    seed: int = 1337  # seed for the initial weights and the data order
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 on CUDA and on CPUs with bf16 matmul)
+    compile: bool = False  # torch.compile the model (compile time is reported apart)
+    device: str = "auto"  # auto | cpu | cuda (under torchrun: the local rank's GPU)
+    max_time: float = 0.0  # wall-clock budget in seconds: stop, evaluate and checkpoint (0 = none)
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(
+            batch_size=8,
+            max_steps=60,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=5,
+            beta2=0.99,
+            eval_interval=20,
+            eval_batches=4,
+            log_interval=1,
+            checkpoint_interval=30,
+            keep_last=2,
+        ),
+        "cpu": dict(
+            batch_size=16,
+            max_steps=2000,
+            lr=1e-3,
+            min_lr=1e-4,
+            warmup_steps=100,
+            beta2=0.99,
+            eval_interval=250,
+            eval_batches=20,
+            checkpoint_interval=500,
+        ),
+        # nanoGPT's GPT-2 recipe: ~0.5M tokens/step on 8 GPUs (16 x 1024 x 4 x 8), 10B tokens.
+        "gpt2-124m": dict(
+            batch_size=16,
+            grad_accum=4,
+            max_steps=19073,
+            lr=6e-4,
+            min_lr=6e-5,
+            warmup_steps=700,
+            beta2=0.95,
+            eval_interval=500,
+            eval_batches=50,
+            checkpoint_interval=1000,
+            compile=True,
+        ),
+    }
+
+    def __post_init__(self) -> None:
+        ints = ("batch_size", "grad_accum", "max_steps", "warmup_steps", "eval_interval", "eval_batches")
+        ints += ("log_interval", "checkpoint_interval", "keep_last", "seed")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"TrainConfig.{name}={value!r} must be an integer >= 0")
+        _positive(self, "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval", "keep_last")
+        _positive(self, "lr")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"TrainConfig.min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+        for name in ("weight_decay", "grad_clip", "max_time"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be in [0, 1)")
+        _one_of(self, "precision", PRECISIONS)
+        _one_of(self, "device", DEVICES)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"TrainConfig.compile={self.compile!r} must be true or false")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> TrainConfig:
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown train preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
