@@ -1,0 +1,573 @@
+"""Torch-free inference over an exported gptflow bundle (``gptflow export``): onnxruntime, numpy and
+sentencepiece only, so this file and a bundle directory are all a machine without torch needs.
+
+    lm = load_bundle("artifacts/bundle")
+    lm.generate("The market", max_new_tokens=40)[0].text
+    for piece in lm.stream("The market", temperature=0.8, seed=0): print(piece, end="")
+
+Context policy (``GenerationConfig.context_policy``), with ``max_context`` = the model's block size:
+  "error"    prompt tokens + max_new_tokens must fit in max_context, else ValueError before any work.
+  "sliding"  the prompt keeps its last max_context tokens; when the cache fills, the last
+             max_context - 1 tokens are re-read from scratch (positions restart), exactly as
+             ``gpt/generate.py`` does, so the two give the same greedy tokens.
+EOS (and any ``stop_token_ids``) ends a sequence and is not part of its output, unless ``ignore_eos``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import sentencepiece as spm
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.model"
+CONFIG_FILE = "config.json"
+CONTEXT_POLICIES = ("error", "sliding")
+_REPLACEMENT = "\ufffd"  # what sentencepiece decodes an incomplete UTF-8 byte sequence to
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64  # tokens to generate at most
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens (0 = off)
+    top_p: float = 1.0  # keep the smallest set of tokens with this much probability (1 = off)
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (CTRL)
+    stop: list[str] = field(default_factory=list)  # strings that end generation (not included in text)
+    stop_token_ids: list[int] = field(default_factory=list)  # ids that end generation (EOS always does)
+    seed: int | None = None  # sampling seed (None = fresh randomness)
+    context_policy: str = "error"  # error | sliding: what to do when prompt + output exceed the context
+    ignore_eos: bool = False  # keep going past EOS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = [int(i) for i in self.stop_token_ids]
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 0")
+        if (
+            not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature))
+            or self.temperature < 0
+        ):
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 = off)")
+        if not (isinstance(self.top_p, int | float) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1] (1 = off)")
+        if not (isinstance(self.repetition_penalty, int | float) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be > 0 (1 = off)")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop={self.stop!r} must be a list of non-empty strings")
+        if self.context_policy not in CONTEXT_POLICIES:
+            raise ValueError(
+                f"context_policy={self.context_policy!r} is not allowed; choose one of {', '.join(CONTEXT_POLICIES)}"
+            )
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS, a stop id or a stop string) | "length" (max_new_tokens)
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build has it, else CPU."""
+    available = ort.get_available_providers()
+    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + [
+        "CPUExecutionProvider"
+    ]
+
+
+def _read_config(bundle: Path) -> dict[str, Any]:
+    path = bundle / CONFIG_FILE
+    if not bundle.is_dir():
+        raise FileNotFoundError(f"bundle directory not found: {bundle}; create one with `gptflow export`")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: {bundle} is not a complete bundle; re-run `gptflow export`"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is corrupt ({e}); re-run `gptflow export`") from e
+
+
+def load_bundle(bundle_dir: str | Path, providers: Sequence[str] | None = None) -> OnnxLM | OnnxClassifier:
+    """Open a bundle directory: an ``OnnxLM`` or an ``OnnxClassifier`` according to its config."""
+    bundle = Path(bundle_dir)
+    config = _read_config(bundle)
+    kind = config.get("kind")
+    if kind == "lm":
+        return OnnxLM(bundle, config, providers)
+    if kind == "classifier":
+        return OnnxClassifier(bundle, config, providers)
+    raise ValueError(f"{bundle / CONFIG_FILE}: kind={kind!r}, expected 'lm' or 'classifier'")
+
+
+class _Bundle:
+    """What both kinds share: the session, the tokenizer, special ids and the context length."""
+
+    def __init__(self, bundle: Path, config: dict[str, Any], providers: Sequence[str] | None):
+        self.bundle = bundle
+        self.config = config
+        for name in (MODEL_FILE, TOKENIZER_FILE):
+            if not (bundle / name).is_file():
+                raise FileNotFoundError(
+                    f"{bundle / name} is missing: the bundle is incomplete; re-run `gptflow export`"
+                )
+        data = (bundle / TOKENIZER_FILE).read_bytes()
+        expected = config.get("tokenizer_sha256")
+        digest = hashlib.sha256(data).hexdigest()
+        if expected and digest != expected:
+            raise ValueError(
+                f"{bundle / TOKENIZER_FILE} (sha256 {digest[:12]}) is not the tokenizer this model was exported "
+                f"with (sha256 {expected[:12]}); restore the bundle's own tokenizer.model or re-export"
+            )
+        self.tokenizer = spm.SentencePieceProcessor()
+        self.tokenizer.LoadFromSerializedProto(data)
+        model_cfg = config["model"]
+        if self.tokenizer.get_piece_size() > model_cfg["vocab_size"]:
+            raise ValueError(
+                f"tokenizer has {self.tokenizer.get_piece_size()} pieces but the model only "
+                f"{model_cfg['vocab_size']} ids; the bundle mixes a model and a tokenizer that do not belong together"
+            )
+        special = config.get("special_ids", {})
+        self.pad_id = int(special.get("pad", 0))
+        self.bos_id = int(special.get("bos", 2))
+        self.eos_id = int(special.get("eos", 3))
+        self.max_context = int(config["context_length"])
+        self.add_bos = bool(config.get("add_bos", False))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            str(bundle / MODEL_FILE), opts, providers=list(providers or default_providers())
+        )
+        self.providers = self.session.get_providers()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        ids = self.encode(text)
+        return [self.bos_id, *ids] if self.add_bos or not ids else ids
+
+
+# --------------------------------------------------------------------------------------------
+# Text assembly: token ids in, text pieces out, never splitting a UTF-8 character or leaking a stop.
+
+
+class _TextTracker:
+    """Turn one sequence's new token ids into text pieces.
+
+    Decodes a short window (a few prompt tokens for context, then the completion) and releases the
+    text only once it does not end in an incomplete UTF-8 sequence; text that could be the start of
+    a stop string is held back until it is known not to be one.
+    """
+
+    def __init__(self, tokenizer: spm.SentencePieceProcessor, prompt_ids: Sequence[int], stop: list[str]):
+        self.tokenizer = tokenizer
+        self.ids = [int(i) for i in prompt_ids[-4:]]
+        self.prefix, self.read = 0, len(self.ids)  # ids[prefix:read] is decoded context already accounted for
+        self.text = ""  # completion text decoded so far (complete characters only)
+        self.released = 0  # characters of self.text handed out
+        self.stop = stop
+        self.stopped = False
+        # Filled in when the run ends.
+        self.token_ids: list[int] = []
+        self.prompt_tokens = len(prompt_ids)
+        self.finish_reason = "length"
+
+    def _decode_new(self, final: bool) -> None:
+        done = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        full = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(full) > len(done) and (final or not full.endswith(_REPLACEMENT)):
+            self.text += full[len(done) :]
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        self._decode_new(final=False)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self._decode_new(final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        safe = len(self.text)
+        if self.stop and not self.stopped:
+            hits = [i for i in (self.text.find(s, self.released) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+                safe = len(self.text)
+            elif not final:
+                hold = 0
+                for s in self.stop:
+                    for k in range(min(len(s) - 1, len(self.text)), hold, -1):
+                        if self.text.endswith(s[:k]):
+                            hold = k
+                            break
+                safe = max(self.released, len(self.text) - hold)
+        piece = self.text[self.released : safe]
+        self.released = safe
+        return piece
+
+    @property
+    def final_text(self) -> str:
+        return self.text[: self.released]
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling (numpy)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = np.exp(x - x.max(axis=-1, keepdims=True))
+    return x / x.sum(axis=-1, keepdims=True)
+
+
+def _pick(
+    logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator, seen: np.ndarray | None
+) -> np.ndarray:
+    """Next token ids (B,) from last-position logits (B, V)."""
+    if seen is not None:  # repetition penalty: shrink the logits of tokens already present
+        p = cfg.repetition_penalty
+        logits = np.where(seen, np.where(logits > 0, logits / p, logits * p), logits)
+    if cfg.temperature == 0.0:
+        return logits.argmax(axis=-1)
+    x = logits.astype(np.float64) / cfg.temperature
+    V = x.shape[-1]
+    if 0 < cfg.top_k < V:
+        kth = np.partition(x, V - cfg.top_k, axis=-1)[:, V - cfg.top_k : V - cfg.top_k + 1]
+        x = np.where(x < kth, -np.inf, x)
+    if cfg.top_p < 1.0:
+        order = np.argsort(-x, axis=-1)
+        probs = _softmax(np.take_along_axis(x, order, axis=-1))
+        drop_sorted = (np.cumsum(probs, axis=-1) - probs) >= cfg.top_p  # the top token always stays
+        drop = np.empty_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        x = np.where(drop, -np.inf, x)
+    cdf = np.cumsum(_softmax(x), axis=-1)
+    u = rng.random((x.shape[0], 1)) * cdf[:, -1:]
+    return np.minimum((cdf < u).sum(axis=-1), V - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The language model
+
+
+class OnnxLM(_Bundle):
+    """Generation with the KV cache over the exported decoder graph."""
+
+    def __init__(self, bundle: Path, config: dict[str, Any], providers: Sequence[str] | None = None):
+        super().__init__(bundle, config, providers)
+        m = config["model"]
+        self.n_layer, self.n_head = int(m["n_layer"]), int(m["n_head"])
+        self.head_dim = int(m["n_embd"]) // self.n_head
+        self.vocab_size = int(m["vocab_size"])
+        self.n_pieces = self.tokenizer.get_piece_size()
+        kv = [(i, k) for i in range(self.n_layer) for k in ("key", "value")]
+        self.past_names = [f"past_key_values.{i}.{k}" for i, k in kv]
+        self.output_names = ["logits"] + [f"present.{i}.{k}" for i, k in kv]
+        # On CUDA the cache stays on the device between steps (IOBinding); on CPU plain run() is as fast.
+        self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
+        self.use_io_binding = self.device == "cuda"
+
+    # One forward pass -----------------------------------------------------------------------
+
+    def _empty_past(self, B: int) -> list:
+        empty = np.zeros((B, self.n_head, 0, self.head_dim), dtype=np.float32)
+        return [empty] * (2 * self.n_layer)
+
+    def _forward(
+        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list
+    ) -> tuple[np.ndarray, list]:
+        """Logits (B, T, V) and the new cache (numpy arrays, or OrtValues with IOBinding)."""
+        if not self.use_io_binding:
+            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+            feed.update(zip(self.past_names, past, strict=True))
+            out = self.session.run(self.output_names, feed)
+            return out[0], out[1:]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
+        for name, value in zip(self.past_names, past, strict=True):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.output_names[1:]:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        out = binding.get_outputs()
+        return out[0].numpy(), list(out[1:])
+
+    def logits(self, prompt_ids: list[list[int]]) -> np.ndarray:
+        """Logits (B, T, V) of a prefill of equal-length prompts (no cache): for checks and scoring."""
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        batch, n = ids.shape
+        if n > self.max_context:
+            raise ValueError(f"{n} tokens exceed the context of {self.max_context}")
+        pos = np.broadcast_to(np.arange(n, dtype=np.int64), (batch, n))
+        return self._forward(ids, np.ones((batch, n), np.int64), pos, self._empty_past(batch))[0]
+
+    # The decode loop -------------------------------------------------------------------------
+
+    def _check_context(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[int]]:
+        longest = max(len(p) for p in prompts)
+        if cfg.context_policy == "sliding":
+            return [p[-self.max_context :] for p in prompts]
+        if longest + cfg.max_new_tokens > self.max_context:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens={cfg.max_new_tokens} exceeds the model's context "
+                f"of {self.max_context} tokens; shorten the prompt, lower max_new_tokens, or use "
+                "context_policy='sliding'"
+            )
+        return prompts
+
+    def _token_stream(self, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[np.ndarray]:
+        """Yield the next token of every row (B,), step after step, up to max_new_tokens steps.
+
+        Rows are left-padded to a common length; positions count each row's real tokens only, so a
+        row gives the same tokens in a batch as alone.
+        """
+        B, block = len(prompts), self.max_context
+        context = [list(p) for p in prompts]  # every real token of each row
+        pending = [list(p) for p in prompts]  # tokens of each row not yet in the cache
+        cached = np.zeros(B, dtype=np.int64)  # real tokens in the cache, per row
+        rng = np.random.default_rng(cfg.seed)
+        seen = None
+        if cfg.repetition_penalty != 1.0:
+            seen = np.zeros((B, self.vocab_size), dtype=bool)
+            for r, p in enumerate(prompts):
+                seen[r, p] = True
+        past, mask = None, None
+        for _ in range(cfg.max_new_tokens):
+            if past is not None and (cached + 1 > block).any():  # window full: re-read the recent tokens
+                pending = [c[-(block - 1) :] for c in context]
+                past = None
+            if past is None:  # prefill: left-pad the pending tokens
+                T = max(len(p) for p in pending)
+                ids = np.full((B, T), self.pad_id, dtype=np.int64)
+                mask = np.zeros((B, T + cfg.max_new_tokens), dtype=np.int64)
+                for r, p in enumerate(pending):
+                    ids[r, T - len(p) :] = p
+                    mask[r, T - len(p) :] = 1  # steps after the prefill are all real tokens
+                S = T
+                pos = np.maximum(np.cumsum(mask[:, :T], axis=1) - 1, 0)
+                cached[:] = [len(p) for p in pending]
+                logits, past = self._forward(ids, mask[:, :S], pos, self._empty_past(B))
+            else:
+                ids = np.asarray(pending, dtype=np.int64)  # (B, 1)
+                S += 1
+                logits, past = self._forward(ids, mask[:, :S], cached[:, None].copy(), past)
+                cached += 1
+            last = logits[:, -1, :]
+            if self.n_pieces < self.vocab_size:  # ids past the tokenizer's pieces cannot be decoded
+                last = last.copy()
+                last[:, self.n_pieces :] = -np.inf
+            nxt = _pick(last, cfg, rng, seen)
+            if seen is not None:
+                seen[np.arange(B), nxt] = True
+            yield nxt
+            for r in range(B):
+                context[r].append(int(nxt[r]))
+                pending[r] = [int(nxt[r])]
+
+    def _run(
+        self, prompts: list[list[int]], cfg: GenerationConfig
+    ) -> Iterator[tuple[list[str], list[_TextTracker]]]:
+        """Drive the token stream: yields each step's released text pieces (one per row) and the
+        trackers; stops when every row has finished."""
+        prompts = [list(p) if len(p) else [self.bos_id] for p in prompts]
+        prompts = self._check_context(prompts, cfg)
+        stop_ids = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else {self.eos_id})
+        rows = [_TextTracker(self.tokenizer, p, cfg.stop) for p in prompts]
+        outs: list[list[int]] = [[] for _ in prompts]
+        reasons: list[str | None] = [None] * len(prompts)
+        tokens = self._token_stream(prompts, cfg)
+        try:
+            for nxt in tokens:
+                pieces = [""] * len(rows)
+                for r, tok in enumerate(nxt.tolist()):
+                    if reasons[r] is not None:
+                        continue
+                    if tok in stop_ids:
+                        reasons[r] = "stop"
+                        continue
+                    outs[r].append(tok)
+                    pieces[r] = rows[r].push(tok)
+                    if rows[r].stopped:
+                        reasons[r] = "stop"
+                yield pieces, rows
+                if all(x is not None for x in reasons):
+                    break
+        finally:
+            tokens.close()
+        pieces = [row.finish() for row in rows]
+        for r, row in enumerate(rows):
+            row.finish_reason = reasons[r] or "length"
+            row.token_ids = outs[r]
+        yield pieces, rows
+
+    def _config(self, cfg: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
+        if cfg is None:
+            return GenerationConfig(**overrides)
+        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+    def generate_ids(
+        self, prompt_ids: list[list[int]], cfg: GenerationConfig | None = None, **kw
+    ) -> list[list[int]]:
+        """New token ids per prompt (stop ids dropped); no text assembly."""
+        cfg = self._config(cfg, kw)
+        prompts = [list(p) if len(p) else [self.bos_id] for p in prompts_of(prompt_ids)]
+        prompts = self._check_context(prompts, cfg)
+        stop_ids = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else {self.eos_id})
+        outs: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        tokens = self._token_stream(prompts, cfg)
+        try:
+            for nxt in tokens:
+                for r, tok in enumerate(nxt.tolist()):
+                    if not done[r]:
+                        if tok in stop_ids:
+                            done[r] = True
+                        else:
+                            outs[r].append(tok)
+                if all(done):
+                    break
+        finally:
+            tokens.close()
+        return outs
+
+    def generate(
+        self, prompts: str | list[str], cfg: GenerationConfig | None = None, **kw
+    ) -> list[Generation]:
+        """Complete each prompt; a batch of different-length prompts runs as one left-padded batch."""
+        cfg = self._config(cfg, kw)
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not texts:
+            return []
+        *_, (_, rows) = self._run([self._prompt_ids(t) for t in texts], cfg)  # run to the end
+        return [
+            Generation(
+                text=row.final_text,
+                token_ids=row.token_ids,
+                prompt_tokens=row.prompt_tokens,
+                completion_tokens=len(row.token_ids),
+                finish_reason=row.finish_reason,
+            )
+            for row in rows
+        ]
+
+    def stream(self, prompt: str, cfg: GenerationConfig | None = None, **kw) -> Iterator[str]:
+        """Text pieces as they are generated; ''.join(pieces) == generate(prompt)[0].text.
+
+        Pieces never split a UTF-8 character; stopping the iteration stops the generation.
+        """
+        cfg = self._config(cfg, kw)
+        run = self._run([self._prompt_ids(prompt)], cfg)
+        try:
+            for pieces, _ in run:
+                if pieces[0]:
+                    yield pieces[0]
+        finally:
+            run.close()
+
+    # Scoring ---------------------------------------------------------------------------------
+
+    def logprobs(self, text: str) -> np.ndarray:
+        """Natural-log probability of each token of ``text``, the first one given BOS.
+
+        Texts longer than the context are scored in windows that overlap by one token.
+        """
+        ids = [self.bos_id, *self.encode(text)]
+        if len(ids) < 2:
+            raise ValueError("cannot score an empty text")
+        out = []
+        start = 0
+        while start < len(ids) - 1:
+            window = ids[start : start + self.max_context]
+            logits = self.logits([window])[0].astype(np.float64)  # (T, V)
+            m = logits.max(axis=-1, keepdims=True)
+            logz = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[:, 0]
+            targets = np.asarray(window[1:])
+            out.append(logits[np.arange(len(targets)), targets] - logz[:-1])
+            start += len(window) - 1
+        return np.concatenate(out)
+
+    def bits_per_byte(self, text: str) -> float:
+        """-Σ log2 P(token) / UTF-8 bytes: comparable across tokenizers and precisions."""
+        return float(-self.logprobs(text).sum() / math.log(2) / len(text.encode("utf-8")))
+
+
+def prompts_of(prompt_ids: Any) -> list[list[int]]:
+    """Accept one id list or a list of id lists."""
+    prompt_ids = list(prompt_ids)
+    if prompt_ids and not isinstance(prompt_ids[0], list | tuple | np.ndarray):
+        return [[int(i) for i in prompt_ids]]
+    return [[int(i) for i in p] for p in prompt_ids]
+
+
+# --------------------------------------------------------------------------------------------
+# The classifier
+
+
+class OnnxClassifier(_Bundle):
+    """Sequence classification: label and class probabilities per text."""
+
+    def __init__(self, bundle: Path, config: dict[str, Any], providers: Sequence[str] | None = None):
+        super().__init__(bundle, config, providers)
+        self.labels = [str(x) for x in config.get("labels") or []]
+        n = int(config["model"]["n_classes"])
+        if len(self.labels) != n:
+            raise ValueError(f"{bundle / CONFIG_FILE}: {len(self.labels)} labels for {n} classes; re-export")
+
+    def logits(self, ids: list[list[int]]) -> np.ndarray:
+        """Class logits (B, n_classes) for token id lists (right-padded here; truncated to the context)."""
+        ids = [list(x[: self.max_context]) or [self.bos_id] for x in ids]
+        T = max(len(x) for x in ids)
+        batch = np.full((len(ids), T), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), T), dtype=np.int64)
+        for r, x in enumerate(ids):
+            batch[r, : len(x)] = x
+            mask[r, : len(x)] = 1
+        return self.session.run(["logits"], {"input_ids": batch, "attention_mask": mask})[0]
+
+    def classify(self, texts: str | list[str], batch_size: int = 32) -> list[dict[str, Any]]:
+        """``[{"label": str, "probs": {label: p}}]``, one per text; long texts keep their first tokens."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(texts), batch_size):
+            ids = [self._prompt_ids(t) for t in texts[i : i + batch_size]]
+            probs = _softmax(self.logits(ids))
+            for row in probs:
+                out.append(
+                    {
+                        "label": self.labels[int(row.argmax())],
+                        "probs": {label: float(p) for label, p in zip(self.labels, row, strict=True)},
+                    }
+                )
+        return out

@@ -1,0 +1,599 @@
+"""ONNX export: a checkpoint becomes a self-contained inference bundle, verified against PyTorch.
+
+The decoder is exported as ONE graph with optimum-compatible names (``input_ids``, ``attention_mask``,
+``position_ids``, ``past_key_values.{i}.key/value`` -> ``logits``, ``present.{i}.key/value``); an empty
+past (length 0) is the prefill. A classifier exports ``input_ids, attention_mask -> logits``.
+
+A bundle directory holds ``model.onnx``, ``tokenizer.model``, ``config.json`` and, written last,
+``manifest.json``. It is built in a temp directory and renamed into place only after ``onnx.checker``
+and the parity check (onnxruntime vs PyTorch logits, greedy tokens) pass, so a bundle that exists is
+a bundle that was verified. The runtime that reads it is ``deploy/runtime.py`` (no torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gpt.config import ConfigBase, _one_of, _positive
+from gpt.io import MANIFEST, atomic_write_json, read_json, sha256_file, write_manifest
+
+if TYPE_CHECKING:
+    from gpt.model import GPT
+
+# torch is imported inside the functions: the CLI builds its parser from ExportConfig without it.
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.model"
+CONFIG_FILE = "config.json"
+BUNDLE_FORMAT = "gptflow-onnx-bundle"
+QUANTIZE = ("none", "int8")
+EXTERNAL_DATA_BYTES = 1_900_000_000  # protobuf's 2 GB limit, with room for the graph itself
+SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+
+
+@dataclass
+class ExportConfig(ConfigBase):
+    """How to export a checkpoint to an ONNX bundle."""
+
+    opset: int = 18  # ONNX opset; >= 18 (the dynamo exporter's opset 17 emits an invalid Split)
+    quantize: str = "none"  # none | int8: also write a dynamically quantized sibling bundle <out>-int8
+    parity_atol: float = 1e-4  # largest |logits(onnxruntime) - logits(PyTorch)| a bundle may have
+    parity_decode_steps: int = 50  # cached decode steps compared after the padded-batch prefill
+    greedy_tokens: int = 100  # greedy tokens that must equal gpt.generate's (capped by the context)
+    add_bos: bool = False  # the runtime prepends BOS to prompts (an empty prompt always starts from BOS)
+    seed: int = 0  # seed for the random parity prompts
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.opset, int) or self.opset < 18:
+            raise ValueError(
+                f"ExportConfig.opset={self.opset!r} must be an integer >= 18 "
+                "(opset 17 with the dynamo exporter produces an invalid Split)"
+            )
+        _one_of(self, "quantize", QUANTIZE)
+        _positive(self, "parity_atol")
+        for name in ("parity_decode_steps", "greedy_tokens", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"ExportConfig.{name}={getattr(self, name)!r} must be an integer >= 0")
+
+
+# --------------------------------------------------------------------------------------------
+# The graph
+
+
+def lm_io_names(n_layer: int) -> tuple[list[str], list[str]]:
+    kv = [(i, k) for i in range(n_layer) for k in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{k}" for i, k in kv]
+    outputs = ["logits"] + [f"present.{i}.{k}" for i, k in kv]
+    return inputs, outputs
+
+
+def export_onnx(model: GPT, path: Path, opset: int = 18) -> Path:
+    """Write ``model`` as one ONNX graph (decoder with KV cache, or classifier) to ``path``."""
+    import torch
+    import torch.nn as nn
+
+    class DecoderForExport(nn.Module):
+        """``GPT.decode`` with the cache as nested lists (the exporter flattens them in order)."""
+
+        def __init__(self, model: GPT):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+            past = [(k, v) for k, v in past_key_values]
+            logits, presents = self.model.decode(input_ids, past, attention_mask, position_ids)
+            return logits, [[k, v] for k, v in presents]
+
+    class ClassifierForExport(nn.Module):
+        def __init__(self, model: GPT):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model.classify(input_ids, attention_mask)
+
+    cfg = model.config
+    model = model.eval().cpu()
+    Dim = torch.export.Dim
+    batch, seq, past = Dim("batch_size"), Dim("sequence_length"), Dim("past_sequence_length")
+    # Example sizes >= 2 so that torch.export does not specialise a dimension to 0 or 1.
+    B, T, P = 2, 3, 4
+    ids = torch.randint(4, cfg.vocab_size, (B, T))
+    if cfg.n_classes > 0:
+        wrapper: torch.nn.Module = ClassifierForExport(model)
+        args: tuple = (ids, torch.ones(B, T, dtype=torch.long))
+        dynamic: Any = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+        inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
+    else:
+        wrapper = DecoderForExport(model)
+        kv = [
+            [torch.zeros(B, cfg.n_head, P, cfg.head_dim), torch.zeros(B, cfg.n_head, P, cfg.head_dim)]
+            for _ in range(cfg.n_layer)
+        ]
+        pos = torch.arange(P, P + T).expand(B, T)
+        args = (ids, torch.ones(B, P + T, dtype=torch.long), pos, kv)
+        dynamic = {
+            "input_ids": {0: batch, 1: seq},
+            # past + seq: torch.export derives the relation from the model's own shape checks.
+            "attention_mask": {0: batch, 1: Dim.DYNAMIC},
+            "position_ids": {0: batch, 1: seq},
+            "past_key_values": [[{0: batch, 2: past}, {0: batch, 2: past}] for _ in range(cfg.n_layer)],
+        }
+        inputs, outputs = lm_io_names(cfg.n_layer)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = param_bytes > EXTERNAL_DATA_BYTES
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            input_names=inputs,
+            output_names=outputs,
+            opset_version=opset,
+            external_data=external,
+            verbose=False,
+        )
+    program.save(str(path), external_data=external)
+    if cfg.n_classes == 0:
+        _name_mask_axis(path, external)
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints progress lines and logs every optimizer pass at INFO; keep them at DEBUG."""
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)  # also its "torchvision is not installed" warnings
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if out.getvalue():
+            log.debug("exporter output:\n%s", out.getvalue())
+
+
+def _name_mask_axis(path: Path, external: bool) -> None:
+    """Give attention_mask's second axis a readable symbol (the exporter names it like 's53')."""
+    import onnx
+
+    if external:
+        return  # rewriting a > 2 GB model just for a name is not worth it
+    m = onnx.load(str(path))
+    for value in m.graph.input:
+        if value.name == "attention_mask":
+            value.type.tensor_type.shape.dim[1].dim_param = "past_sequence_length + sequence_length"
+    onnx.save(m, str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Parity: onnxruntime vs PyTorch on the same inputs.
+
+
+def _no_grad(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _padded_batch(cfg, lengths: list[int], gen):
+    """Left-padded random prompts (ids >= 4, never special) and their 0/1 mask, as torch tensors."""
+    import torch
+
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), cfg.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        ids[r, T - n :] = torch.randint(4, cfg.vocab_size, (n,), generator=gen)
+        mask[r, T - n :] = 1
+    return ids, mask
+
+
+@_no_grad
+def lm_parity(model: GPT, onnx_path: Path, decode_steps: int = 50, seed: int = 0) -> dict[str, Any]:
+    """Max |Δlogits| over a prefill of a left-padded batch of different lengths, then cached steps.
+
+    Both sides are fed the same tokens (PyTorch's greedy choice) so that the caches stay comparable.
+    """
+    import torch
+
+    cfg = model.config
+    sess = _ort_session(onnx_path)
+    gen = torch.Generator().manual_seed(seed)
+    longest = max(3, min(13, cfg.block_size // 4))
+    lengths = [longest, max(1, longest // 2), longest - 2]
+    steps = min(decode_steps, cfg.block_size - longest)
+    ids, mask = _padded_batch(cfg, lengths, gen)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    B = ids.size(0)
+    empty = np.zeros((B, cfg.n_head, 0, cfg.head_dim), dtype=np.float32)
+    in_names, out_names = lm_io_names(cfg.n_layer)
+    ort_past = [empty] * (2 * cfg.n_layer)
+    torch_past = None
+    prefill_delta, decode_delta = 0.0, 0.0
+    for step in range(steps + 1):
+        feed = dict(zip(in_names, [ids.numpy(), mask.numpy(), pos.numpy(), *ort_past], strict=True))
+        out = sess.run(out_names, feed)
+        logits, torch_past = model.decode(ids, torch_past, mask, pos)
+        diff = np.abs(out[0] - logits.numpy())  # (B, T, V)
+        if step == 0:
+            prefill_delta = float(diff[mask.numpy().astype(bool)].max())  # padded rows are never used
+        else:
+            decode_delta = max(decode_delta, float(diff.max()))
+        ort_past = out[1:]
+        nxt = logits[:, -1, :].argmax(-1, keepdim=True)  # (B, 1)
+        ids = nxt
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+        pos = pos[:, -1:] + 1
+    return {
+        "prefill_max_abs_diff": prefill_delta,
+        "decode_max_abs_diff": decode_delta,
+        "max_abs_diff": max(prefill_delta, decode_delta),
+        "batch_lengths": lengths,
+        "decode_steps": steps,
+    }
+
+
+@_no_grad
+def greedy_parity(model: GPT, bundle_dir: Path, n_tokens: int, atol: float, seed: int = 0) -> dict[str, Any]:
+    """Greedy tokens from the torch-free runtime vs ``gpt.generate``, within one context window.
+
+    A mismatch is accepted only where PyTorch's top two logits are closer than the tolerance (a
+    tie that float rounding may break either way); it is reported as such.
+    """
+    import torch
+
+    from deploy.runtime import GenerationConfig, load_bundle
+    from gpt.generate import generate
+
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed + 1)
+    n_prompt = max(1, min(8, cfg.block_size // 4))
+    prompt = torch.randint(4, cfg.vocab_size, (n_prompt,), generator=gen).tolist()
+    n = min(n_tokens, cfg.block_size - n_prompt)
+    expected = generate(model, prompt, max_new_tokens=n)
+    lm = load_bundle(bundle_dir, providers=["CPUExecutionProvider"])
+    got = lm.generate_ids([prompt], GenerationConfig(max_new_tokens=n, ignore_eos=True))[0]
+    result: dict[str, Any] = {"greedy_tokens": n, "greedy_identical": got == expected}
+    if got != expected:
+        i = next((j for j, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), n))
+        logits = model(torch.tensor([prompt + expected[:i]]))[0, -1]
+        top2 = torch.topk(logits, 2).values
+        margin = float(top2[0] - top2[1])
+        result.update(first_mismatch=i, top2_margin=margin, tie=margin <= 2 * atol)
+    return result
+
+
+@_no_grad
+def classifier_parity(model: GPT, onnx_path: Path, seed: int = 0) -> dict[str, Any]:
+    import torch
+
+    cfg = model.config
+    sess = _ort_session(onnx_path)
+    gen = torch.Generator().manual_seed(seed)
+    longest = max(3, min(24, cfg.block_size))
+    ids, mask = _padded_batch(cfg, [longest, max(1, longest // 2), longest - 2], gen)
+    out = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    ref = model.classify(ids, mask).numpy()
+    return {
+        "max_abs_diff": float(np.abs(out - ref).max()),
+        "argmax_identical": bool((out.argmax(-1) == ref.argmax(-1)).all()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization
+
+
+def _fold_weight_transposes(src: Path, dst: Path) -> None:
+    """Replace Transpose(initializer) by a transposed initializer, so that quantize_dynamic sees the
+    tied LM head as a MatMul weight. (The fp32 graph keeps the Transpose: its weight is stored once.)"""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(src))
+    inits = {x.name: x for x in m.graph.initializer}
+    for node in list(m.graph.node):
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            arr = numpy_helper.to_array(inits[node.input[0]])
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            folded = np.ascontiguousarray(arr.transpose(perm) if perm else arr.T)
+            m.graph.initializer.append(numpy_helper.from_array(folded, node.output[0]))
+            m.graph.node.remove(node)
+    onnx.save(m, str(dst))
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    pre = dst.with_name("pre_quant.onnx")
+    _fold_weight_transposes(src, pre)
+    logging.getLogger().disabled, was = True, logging.getLogger().disabled  # quiet its pre-process hint
+    try:
+        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        logging.getLogger().disabled = was
+        pre.unlink(missing_ok=True)
+
+
+def _quality_cost(fp32_dir: Path, int8_dir: Path, kind: str, eval_text: str | None, seed: int) -> dict:
+    """What int8 costs: bits per byte on ``eval_text`` (LM) or label agreement (classifier), plus
+    the logits gap on random prompts."""
+    from deploy.runtime import load_bundle
+
+    fp32 = load_bundle(fp32_dir, providers=["CPUExecutionProvider"])
+    int8 = load_bundle(int8_dir, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    n = max(2, min(32, fp32.max_context))
+    ids = rng.integers(4, fp32.config["model"]["vocab_size"], size=(4, n)).tolist()
+    a, b = fp32.logits(ids), int8.logits(ids)
+    cost: dict[str, Any] = {
+        "max_abs_logit_diff": float(np.abs(a - b).max()),
+        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+    }
+    if eval_text and kind == "lm":
+        bpb32, bpb8 = fp32.bits_per_byte(eval_text), int8.bits_per_byte(eval_text)
+        cost.update(
+            eval_bytes=len(eval_text.encode("utf-8")),
+            bits_per_byte_fp32=bpb32,
+            bits_per_byte_int8=bpb8,
+            bits_per_byte_rel_increase=(bpb8 - bpb32) / bpb32,
+        )
+    elif eval_text and kind == "classifier":
+        texts = [t for t in eval_text.splitlines() if t.strip()]
+        pa, pb = fp32.classify(texts), int8.classify(texts)
+        cost.update(
+            eval_texts=len(texts),
+            label_agreement=float(np.mean([x["label"] == y["label"] for x, y in zip(pa, pb, strict=True)])),
+            max_prob_diff=float(
+                max(
+                    abs(x["probs"][k] - y["probs"][k])
+                    for x, y in zip(pa, pb, strict=True)
+                    for k in x["probs"]
+                )
+            ),
+        )
+    else:
+        cost["note"] = "no eval text given: pass eval_text (--eval-text FILE) to measure bits per byte"
+    return cost
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` onto ``out``; an existing ``out`` must be a bundle (or empty) to be replaced."""
+    if out.exists():
+        if any(out.iterdir()) and not (out / MANIFEST).is_file() and not (out / CONFIG_FILE).is_file():
+            raise FileExistsError(f"{out} exists and is not a bundle; choose another --out or remove it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _labels(meta: dict, n_classes: int) -> list[str]:
+    labels = meta.get("labels")
+    if labels is None:
+        log.warning("checkpoint has no 'labels'; naming classes 0..%d", n_classes - 1)
+        return [str(i) for i in range(n_classes)]
+    if len(labels) != n_classes:
+        raise ValueError(
+            f"checkpoint labels {labels} has {len(labels)} names but the head has n_classes={n_classes}; "
+            "fix 'labels' in model.json"
+        )
+    return [str(x) for x in labels]
+
+
+def _tokenizer_file(checkpoint_dir: Path, meta: dict, tokenizer: Path | None) -> tuple[Path, str]:
+    path = Path(tokenizer) if tokenizer else checkpoint_dir / TOKENIZER_FILE
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer not found: {path}; put the sentencepiece model the checkpoint was trained with "
+            "beside it as tokenizer.model, or pass --tokenizer PATH"
+        )
+    digest = sha256_file(path)
+    expected = meta.get("tokenizer_hash")
+    if expected and expected != digest:
+        raise ValueError(
+            f"tokenizer {path} (sha256 {digest[:12]}) is not the one the checkpoint was trained with "
+            f"(tokenizer_hash {str(expected)[:12]}); pass the matching tokenizer with --tokenizer"
+        )
+    return path, digest
+
+
+def export_bundle(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    config: ExportConfig | None = None,
+    eval_text: str | None = None,
+    tokenizer: str | Path | None = None,
+) -> dict[str, Any]:
+    """Export ``checkpoint_dir`` to a verified bundle at ``out_dir`` (and ``<out_dir>-int8`` if asked).
+
+    Returns ``{"bundle", "bundle_int8"?, "kind", "parity", "size_bytes", "param_bytes", ...}``.
+    Raises ``ValueError`` (and writes nothing) when the graph fails ``onnx.checker`` or parity.
+    """
+    import onnx
+
+    from gpt.checkpoint import WEIGHTS, load_model, read_model_meta
+
+    config = config or ExportConfig()
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    meta = read_model_meta(checkpoint_dir)
+    tok_path, tok_sha = _tokenizer_file(checkpoint_dir, meta, tokenizer)
+    model, meta = load_model(checkpoint_dir)
+    cfg = model.config
+    kind = "classifier" if cfg.n_classes > 0 else "lm"
+    labels = _labels(meta, cfg.n_classes) if kind == "classifier" else None
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        t0 = time.perf_counter()
+        onnx_path = export_onnx(model, tmp / ONNX_FILE, config.opset)
+        export_s = time.perf_counter() - t0
+        onnx.checker.check_model(str(onnx_path), full_check=True)
+        shutil.copyfile(tok_path, tmp / TOKENIZER_FILE)
+        bundle_config: dict[str, Any] = {
+            "format": BUNDLE_FORMAT,
+            "format_version": 1,
+            "kind": kind,
+            "precision": "fp32",
+            "model": cfg.to_dict(),
+            "context_length": cfg.block_size,
+            "vocab_size": cfg.vocab_size,
+            "special_ids": dict(SPECIAL_IDS),
+            "add_bos": config.add_bos,
+            "labels": labels,
+            "opset": config.opset,
+            "io": {
+                "inputs": [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
+            },
+            "tokenizer_sha256": tok_sha,
+            "source_checkpoint": {
+                "path": str(checkpoint_dir.resolve()),
+                "sha256": sha256_file(checkpoint_dir / WEIGHTS),
+                "tokenizer_hash": meta.get("tokenizer_hash"),
+            },
+            "export_config": config.to_dict(),
+            "versions": _versions(),
+        }
+        atomic_write_json(tmp / CONFIG_FILE, bundle_config)  # the runtime reads it during the greedy check
+
+        t0 = time.perf_counter()
+        if kind == "lm":
+            parity = lm_parity(model, onnx_path, config.parity_decode_steps, config.seed)
+            parity.update(greedy_parity(model, tmp, config.greedy_tokens, config.parity_atol, config.seed))
+            greedy_ok = parity["greedy_identical"] or parity.get("tie", False)
+        else:
+            parity = classifier_parity(model, onnx_path, config.seed)
+            greedy_ok = parity["argmax_identical"]
+        parity["atol"] = config.parity_atol
+        parity["seconds"] = round(time.perf_counter() - t0, 3)
+        if not (parity["max_abs_diff"] <= config.parity_atol and greedy_ok):
+            raise ValueError(
+                f"ONNX parity check failed for {checkpoint_dir}: {parity}; no bundle was written. "
+                "If only the tolerance is exceeded, a larger --parity-atol may be justified; otherwise "
+                "the export is wrong (report it)"
+            )
+        size = (tmp / ONNX_FILE).stat().st_size
+        bundle_config.update(parity=parity, size_bytes=size, param_bytes=param_bytes)
+        atomic_write_json(tmp / CONFIG_FILE, bundle_config)
+        result: dict[str, Any] = {
+            "bundle": str(out_dir),
+            "kind": kind,
+            "parity": parity,
+            "size_bytes": size,
+            "param_bytes": param_bytes,
+            "export_seconds": round(export_s, 3),
+        }
+        write_manifest(
+            tmp,
+            stage="export",
+            config=config.to_dict(),
+            inputs={
+                "checkpoint": str(checkpoint_dir),
+                "weights_sha256": bundle_config["source_checkpoint"]["sha256"],
+            },
+            files={n: {"sha256": sha256_file(tmp / n)} for n in (ONNX_FILE, TOKENIZER_FILE, CONFIG_FILE)},
+            metrics={"parity_max_abs_diff": parity["max_abs_diff"], "size_bytes": size},
+        )
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "exported %s (%s, %.1f MB, %.1f MB of parameters), parity max |Δlogits| %.2e",
+        out_dir,
+        kind,
+        size / 1e6,
+        param_bytes / 1e6,
+        parity["max_abs_diff"],
+    )
+    if config.quantize == "int8":
+        result.update(_export_int8(out_dir, kind, eval_text, config.seed))
+    return result
+
+
+def _export_int8(fp32_dir: Path, kind: str, eval_text: str | None, seed: int) -> dict[str, Any]:
+    out = fp32_dir.with_name(f"{fp32_dir.name}-int8")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        import onnx
+
+        quantize_int8(fp32_dir / ONNX_FILE, tmp / ONNX_FILE)
+        onnx.checker.check_model(str(tmp / ONNX_FILE))
+        shutil.copyfile(fp32_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        cfg = read_json(fp32_dir / CONFIG_FILE, what="bundle config")
+        cfg.update(
+            precision="int8", quantization={"method": "onnxruntime.quantize_dynamic", "weight_type": "QInt8"}
+        )
+        cfg.pop("parity", None)  # int8 is not expected to match PyTorch to 1e-4; its cost is below
+        atomic_write_json(tmp / CONFIG_FILE, cfg)
+        cost = _quality_cost(fp32_dir, tmp, kind, eval_text, seed)
+        size = (tmp / ONNX_FILE).stat().st_size
+        cfg.update(quality_cost=cost, size_bytes=size, fp32_bundle=fp32_dir.name)
+        atomic_write_json(tmp / CONFIG_FILE, cfg)
+        write_manifest(
+            tmp,
+            stage="export-int8",
+            inputs={"fp32_bundle": str(fp32_dir), "onnx_sha256": sha256_file(fp32_dir / ONNX_FILE)},
+            files={n: {"sha256": sha256_file(tmp / n)} for n in (ONNX_FILE, TOKENIZER_FILE, CONFIG_FILE)},
+            metrics={**{k: v for k, v in cost.items() if isinstance(v, int | float)}, "size_bytes": size},
+        )
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("int8 bundle %s (%.1f MB), quality cost %s", out, size / 1e6, cost)
+    return {"bundle_int8": str(out), "quality_cost_int8": cost, "size_bytes_int8": size}
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}

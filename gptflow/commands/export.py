@@ -1,0 +1,47 @@
+"""``gptflow export``: a checkpoint becomes a verified ONNX bundle (and optionally an int8 sibling)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from gptflow.args import add_config_args, config_overrides
+
+HELP = "export a checkpoint to an ONNX bundle (KV-cache decoder or classifier), parity-checked"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gpt.export import ExportConfig
+
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="checkpoint directory (model.json + weights)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("artifacts/bundle"), help="bundle directory to write"
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, help="tokenizer.model (default: the one beside the checkpoint)"
+    )
+    parser.add_argument(
+        "--eval-text",
+        type=Path,
+        help="UTF-8 text file to measure int8's quality cost on (bits per byte; one text per line for a classifier)",
+    )
+    parser.add_argument("--config", type=Path, help="YAML file with ExportConfig fields (flags override it)")
+    add_config_args(parser, ExportConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpt.export import ExportConfig, export_bundle
+
+    base = ExportConfig.from_yaml(args.config).to_dict() if args.config else {}
+    config = ExportConfig.from_dict({**base, **config_overrides(args, ExportConfig)})
+    eval_text = None
+    if args.eval_text:
+        if not args.eval_text.is_file():
+            raise FileNotFoundError(f"--eval-text file not found: {args.eval_text}")
+        eval_text = args.eval_text.read_text(encoding="utf-8")
+    result = export_bundle(args.checkpoint, args.out, config, eval_text=eval_text, tokenizer=args.tokenizer)
+    print(json.dumps(result, indent=2))
+    return 0

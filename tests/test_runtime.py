@@ -1,0 +1,207 @@
+"""The torch-free runtime: batching, streaming of multi-byte text, stops, context policies, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deploy.runtime import GenerationConfig, load_bundle
+from gpt.checkpoint import save_model
+from gpt.config import ModelConfig
+from gpt.export import ExportConfig, export_bundle
+from gpt.model import GPT
+from gpt.tokenizer import Tokenizer, TokenizerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Markets rose as investors cheered the news.\n"
+    "She sells sea shells by the sea shore; the shells she sells are surely sea shells.\n"
+) * 40
+# English-only tokenizer: these characters come out as 3- and 4-byte fallback sequences.
+MULTIBYTE = " 你好，世界！😀🎉 ok 数据"
+FAST = ExportConfig(parity_decode_steps=4, greedy_tokens=8)  # full parity is tested in test_export.py
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    return Tokenizer.train([TEXT], tmp_path_factory.mktemp("tok"), TokenizerConfig(vocab_size=300))
+
+
+def _export(model: GPT, tok: Tokenizer, root: Path) -> Path:
+    save_model(root / "ckpt", model, tokenizer_hash=tok.hash)
+    shutil.copyfile(tok.path, root / "ckpt" / "tokenizer.model")
+    return Path(export_bundle(root / "ckpt", root / "bundle", FAST)["bundle"])
+
+
+@pytest.fixture(scope="module")
+def random_lm(tok, tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, pos_encoding="rope")).eval()
+    return load_bundle(_export(model, tok, tmp_path_factory.mktemp("lm")))
+
+
+@pytest.fixture(scope="module")
+def scripted_lm(tok, tmp_path_factory):
+    """A model whose greedy output after the prompt "The" is MULTIBYTE then EOS.
+
+    Blocks contribute nothing (zeroed output projections), so the residual stream is the one-hot
+    position embedding; the LM head maps position q to the token wanted after it.
+    """
+    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, tie_weights=False)
+    model = GPT(cfg).eval()
+    script = tok.encode(MULTIBYTE) + [tok.eos_id]
+    start = len(tok.encode("The")) - 1  # the position whose logits give the first new token
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+        model.transformer.wte.weight.zero_()
+        model.transformer.wpe.weight.copy_(torch.eye(cfg.block_size, cfg.n_embd))
+        model.lm_head.weight.zero_()
+        for i, token in enumerate(script):
+            model.lm_head.weight[token, start + i] += 10.0
+        for q in range(start + len(script), cfg.block_size):
+            model.lm_head.weight[tok.eos_id, q] += 10.0
+    return load_bundle(_export(model, tok, tmp_path_factory.mktemp("scripted")))
+
+
+def test_streamed_pieces_join_to_generated_text_for_chinese_and_emoji(scripted_lm):
+    prompt = "The"
+    g = scripted_lm.generate(prompt, max_new_tokens=60)[0]
+    assert g.text == MULTIBYTE and g.finish_reason == "stop"
+    pieces = list(scripted_lm.stream(prompt, max_new_tokens=60))
+    assert "".join(pieces) == g.text
+    assert all("\ufffd" not in p for p in pieces)  # no piece ends inside a UTF-8 character
+    assert len(pieces) > 5
+
+
+def test_stop_string_ends_text_and_stream_agrees(scripted_lm):
+    g = scripted_lm.generate("The", max_new_tokens=60, stop=["世界"])[0]
+    assert g.text == " 你好，" and g.finish_reason == "stop"
+    assert "".join(scripted_lm.stream("The", max_new_tokens=60, stop=["世界"])) == g.text
+
+
+def test_stream_stops_when_consumer_stops(scripted_lm):
+    stream = scripted_lm.stream("The", max_new_tokens=60)
+    first = next(stream)
+    stream.close()  # must not raise, and the generator is finished
+    assert first and next(stream, None) is None
+
+
+def test_batch_of_four_prompts_gives_each_prompt_alone_tokens(random_lm):
+    prompts = ["The quick brown fox", "sea", "Markets rose as investors cheered the news", ""]
+    cfg = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    batch = random_lm.generate(prompts, cfg)
+    for prompt, got in zip(prompts, batch, strict=True):
+        assert got.token_ids == random_lm.generate(prompt, cfg)[0].token_ids
+    assert batch[3].prompt_tokens == 1  # an empty prompt starts from BOS
+
+
+def test_sampling_is_reproducible_with_a_seed_and_respects_top_k(random_lm):
+    cfg = GenerationConfig(max_new_tokens=30, temperature=1.0, top_k=3, top_p=0.9, seed=7, ignore_eos=True)
+    a = random_lm.generate("The quick", cfg)[0].token_ids
+    assert a == random_lm.generate("The quick", cfg)[0].token_ids
+    greedy = random_lm.generate("The quick", max_new_tokens=30, ignore_eos=True)[0].token_ids
+    assert a != greedy or len(set(a)) > 1  # sampling does not silently fall back to greedy
+
+
+def test_repetition_penalty_changes_a_repetitive_greedy_output(random_lm):
+    plain = random_lm.generate("sea", max_new_tokens=30, ignore_eos=True)[0].token_ids
+    penalized = random_lm.generate("sea", max_new_tokens=30, ignore_eos=True, repetition_penalty=5.0)[
+        0
+    ].token_ids
+    assert len(set(penalized)) > len(set(plain))
+
+
+def test_context_overflow_errors_or_slides_by_policy(random_lm):
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 10
+    assert len(random_lm.encode(long_prompt)) > random_lm.max_context
+    with pytest.raises(ValueError, match="context_policy='sliding'"):
+        random_lm.generate(long_prompt, max_new_tokens=5)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        random_lm.generate("The", max_new_tokens=random_lm.max_context)  # prompt fits, output does not
+    g = random_lm.generate(long_prompt, max_new_tokens=80, context_policy="sliding", ignore_eos=True)[0]
+    assert g.completion_tokens == 80 and g.prompt_tokens == random_lm.max_context
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": -0.1},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"max_new_tokens": -1},
+        {"repetition_penalty": 0.0},
+        {"context_policy": "truncate"},
+        {"stop": [""]},
+    ],
+)
+def test_invalid_sampling_values_are_rejected(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        GenerationConfig(**bad)
+
+
+def test_bundle_without_tokenizer_or_with_a_foreign_one_is_refused(random_lm, tmp_path):
+    broken = tmp_path / "b"
+    shutil.copytree(random_lm.bundle, broken)
+    (broken / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        load_bundle(broken)
+    other = Tokenizer.train(
+        [TEXT + "zebra quokka " * 50], tmp_path / "other", TokenizerConfig(vocab_size=300)
+    )
+    shutil.copyfile(other.path, broken / "tokenizer.model")
+    with pytest.raises(ValueError, match="not the tokenizer this model was exported with"):
+        load_bundle(broken)
+
+
+def test_bits_per_byte_is_positive_and_scores_long_text(random_lm):
+    bpb = random_lm.bits_per_byte(TEXT[:600])  # longer than the context: scored in windows
+    assert 0 < bpb < 20
+    assert len(random_lm.logprobs(TEXT[:600])) == len(random_lm.encode(TEXT[:600]))
+
+
+@pytest.mark.slow
+def test_runtime_and_infer_script_work_where_torch_cannot_be_imported(random_lm, tmp_path):
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None  # import torch fails\n")
+    env = {**os.environ, "PYTHONPATH": str(shim)}
+    code = (
+        "import sys\n"
+        "try:\n    import torch\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('torch importable')\n"
+        f"sys.path.insert(0, {str(ROOT / 'deploy')!r})\n"
+        "import runtime, json\n"
+        f"lm = runtime.load_bundle({str(random_lm.bundle)!r})\n"
+        "g = lm.generate(['The quick', 'sea'], max_new_tokens=6, ignore_eos=True)\n"
+        "print(json.dumps([x.completion_tokens for x in g]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [6, 6]
+    script = [sys.executable, str(ROOT / "deploy" / "infer.py"), "--bundle", str(random_lm.bundle)]
+    out = subprocess.run(
+        [*script, "The quick", "-n", "8", "--stream"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+
+
+def test_io_binding_loop_gives_the_same_tokens_as_plain_run(random_lm):
+    # The IOBinding path is what CUDA uses; on CPU it must agree token for token with session.run.
+    bound = load_bundle(random_lm.bundle, providers=["CPUExecutionProvider"])
+    bound.use_io_binding = True
+    cfg = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    prompts = ["The quick brown fox", "sea"]
+    assert [g.token_ids for g in bound.generate(prompts, cfg)] == [
+        g.token_ids for g in random_lm.generate(prompts, cfg)
+    ]
