@@ -1,7 +1,8 @@
-"""``gptflow`` entry point: a subcommand per stage, each in ``gptflow/commands/<name>.py``.
+"""gptflow: train, finetune, evaluate, export and serve a from-scratch GPT.
 
-Command modules import only light things at module level (argparse, gpt.config); heavy imports
-(torch, prefect, onnxruntime) happen inside ``run`` so ``gptflow generate`` works without torch.
+Each subcommand lives in ``gptflow/commands/<name>.py`` (HELP, add_arguments(parser), run(args)).
+Only the module of the command being run is imported, so ``gptflow generate`` and ``gptflow serve``
+work where torch is not installed.
 """
 
 from __future__ import annotations
@@ -11,15 +12,37 @@ import importlib
 import logging
 import sys
 
-# name -> module under gptflow.commands exposing HELP, add_arguments(parser) and run(args) -> int
-COMMANDS: dict[str, str] = {}
+# In pipeline order; name -> module under gptflow.commands.
+COMMANDS: dict[str, str] = {
+    "tokenizer": "tokenizer",
+    "shard": "shard",
+    "pretrain": "pretrain",
+    "finetune": "finetune",
+    "evaluate": "evaluate",
+    "export": "export",
+    "generate": "generate",
+    "classify": "classify",
+    "serve": "serve",
+    "pipeline": "pipeline",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _requested_command(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, only the requested command's module is imported."""
+    wanted = _requested_command(argv) if argv is not None else None
+    if wanted not in COMMANDS:
+        wanted = None  # no or unknown command: import all, for the full help text
     parser = argparse.ArgumentParser(prog="gptflow", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
+        if wanted is not None and name != wanted:
+            sub.add_parser(name)
+            continue
         module = importlib.import_module(f"gptflow.commands.{module_name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
@@ -28,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -52,3 +52,14 @@ def test_ruff_lint_and_format_are_clean():
     assert lint.returncode == 0, lint.stdout + lint.stderr
     fmt = subprocess.run([ruff, "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_generate_and_serve_commands_parse_without_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from gptflow.cli import build_parser\n"
+        "for argv in (['generate', '--bundle', 'b', 'hi'], ['serve', '--bundle', 'b']):\n"
+        "    assert build_parser(argv).parse_args(argv).command == argv[0]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
