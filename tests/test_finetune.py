@@ -1,0 +1,237 @@
+"""Finetuning: masked completion labels, classification that learns, LoRA merge parity, freezing, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt.checkpoint import load_model, save_model
+from gpt.config import ModelConfig
+from gpt.finetune import (
+    IGNORE_INDEX,
+    FinetuneConfig,
+    completion_loss,
+    encode_completion,
+    finetune,
+    set_trainable,
+)
+from gpt.lora import LoRALinear, apply_lora, merge_lora
+from gpt.model import GPT
+from gpt.tasks import Example, Task
+from gpt.tokenizer import Tokenizer, TokenizerConfig
+
+FILLER = [
+    "the",
+    "a",
+    "of",
+    "to",
+    "in",
+    "and",
+    "is",
+    "was",
+    "for",
+    "on",
+    "with",
+    "at",
+    "by",
+    "from",
+    "it",
+    "that",
+    "this",
+    "be",
+    "are",
+    "as",
+]
+KEYWORDS = {
+    "fruit": ["apple", "banana", "cherry"],
+    "vehicle": ["car", "truck", "bus"],
+    "animal": ["dog", "cat"],
+}
+
+
+def keyword_rows(n: int = 480, seed: int = 0) -> list[dict[str, str]]:
+    """Label = the class of the one keyword hidden among filler words, at a random position."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = rng.choice(sorted(KEYWORDS))
+        words = [rng.choice(FILLER) for _ in range(6)] + [f"n{i}"]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(KEYWORDS[label]))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def make_checkpoint(root: Path, texts: list[str], seed: int = 0, **model_overrides) -> Path:
+    """A randomly initialised tiny GPT + a tokenizer trained on ``texts``: a stand-in pretrained run's best/."""
+    tok = Tokenizer.train(texts, root / "tok", TokenizerConfig(vocab_size=320))
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, **model_overrides))
+    ckpt = root / "pretrained"
+    save_model(ckpt, model, tokenizer_hash=tok.hash)
+    shutil.copyfile(tok.path, ckpt / "tokenizer.model")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def keyword_task(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("kw")
+    rows = keyword_rows()
+    return write_csv(root / "keywords.csv", rows), make_checkpoint(root, [r["text"] for r in rows])
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_completion_labels_ignore_prompt_tokens(keyword_task):
+    tok = Tokenizer(keyword_task[1])
+    task = Task(
+        "t", "completion", "x.jsonl", ("exact_match",), prompt_template="Q: {input}\nA:", max_target_tokens=16
+    )
+    ex = Example("the car is red", "apple banana")
+    x, y = encode_completion(tok, task, ex, max_len=64)
+    target = tok.encode(" apple banana") + [tok.eos_id]
+    n_prompt = len(x) + 1 - len(target)
+    assert len(x) == len(y)
+    assert y[: n_prompt - 1] == [IGNORE_INDEX] * (n_prompt - 1)  # every prompt-token target is ignored
+    assert y[n_prompt - 1 :] == target  # the completion and EOS are learned
+    assert x[n_prompt:] == target[:-1]  # teacher forcing: the input is the target shifted by one
+
+    # The loss equals cross-entropy over the completion positions only.
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size)).eval()
+    idx, labels = torch.tensor([x]), torch.tensor([y])
+    logits = model(idx)
+    keep = labels[0] != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[0, keep], labels[0, keep])
+    torch.testing.assert_close(completion_loss(model, idx, labels), expected)
+
+
+def test_completion_input_is_cut_to_fit_max_len(keyword_task):
+    tok = Tokenizer(keyword_task[1])
+    task = Task(
+        "t", "completion", "x.jsonl", ("exact_match",), prompt_template="{input} =>", max_target_tokens=8
+    )
+    x, y = encode_completion(tok, task, Example("car " * 200, "dog"), max_len=40)
+    assert len(x) == 40
+    assert y[-len(tok.encode(" dog")) - 1 :] == [*tok.encode(" dog"), tok.eos_id]
+    assert tok.decode(x).endswith(" => dog")  # the template tail survives the cut; the input shrinks
+
+
+@pytest.mark.slow
+def test_classification_finetune_beats_chance(keyword_task, tmp_path):
+    task_file, ckpt = keyword_task
+    cfg = FinetuneConfig(epochs=6, lr=2e-3, batch_size=16, dropout=0.0, precision="fp32", patience=0, seed=0)
+    result = finetune(str(task_file), ckpt, tmp_path / "ft", cfg)
+    assert result["labels"] == sorted(KEYWORDS)
+    assert result["best_val"]["val_accuracy"] >= 0.7  # chance is 1/3
+    model, meta = load_model(tmp_path / "ft" / "best")
+    assert meta["labels"] == sorted(KEYWORDS) and meta["task"] == "keywords"
+    assert model.score is not None and (tmp_path / "ft" / "best" / "tokenizer.model").is_file()
+    manifest = json.loads((tmp_path / "ft" / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == result["steps"]
+    assert not (tmp_path / "ft" / "state").exists()  # resumable state is removed once the run completes
+
+
+def test_lora_merged_weights_give_same_logits():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", n_classes=3)).eval()
+    names = apply_lora(model, rank=4, alpha=8.0)
+    assert len(names) == 4 * model.config.n_layer
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.05)  # B starts at 0: give the update something to merge
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        lm_before, cls_before = model(idx), model.classify(idx)
+        merge_lora(model)
+        lm_after, cls_after = model(idx), model.classify(idx)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert set(model.state_dict()) == set(GPT(ModelConfig.preset("tiny", n_classes=3)).state_dict())
+    torch.testing.assert_close(lm_after, lm_before, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cls_after, cls_before, atol=1e-5, rtol=0)
+
+
+def test_lora_and_freeze_train_only_what_they_should():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", n_classes=2))
+    set_trainable(model, FinetuneConfig(method="lora", lora_targets=("attn.c_attn",)), "classification")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"transformer.h.{i}.attn.c_attn.lora_{ab}" for i in range(2) for ab in "AB"} | {
+        "score.weight"
+    }
+
+    model = GPT(ModelConfig.preset("tiny", n_classes=2))
+    set_trainable(model, FinetuneConfig(method="freeze", trainable_blocks=1), "classification")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("transformer.h.1.", "transformer.ln_f.", "score.")) for n in trainable)
+    assert "transformer.h.1.mlp.c_fc.weight" in trainable and "score.weight" in trainable
+
+
+def test_lora_rejects_unknown_target():
+    with pytest.raises(ValueError, match="matches no Linear"):
+        apply_lora(GPT(ModelConfig.preset("tiny")), rank=2, alpha=4, targets=("attn.q_proj",))
+
+
+def test_config_rejects_bad_values_naming_the_field():
+    with pytest.raises(ValueError, match="method"):
+        FinetuneConfig(method="adapter")
+    with pytest.raises(ValueError, match="batch_size"):
+        FinetuneConfig(batch_size=0)
+    cfg = FinetuneConfig.for_task("bbc-topic", lr=1e-4)
+    assert cfg.lr == 1e-4 and cfg.epochs == FinetuneConfig.for_task("bbc-topic").epochs
+    assert FinetuneConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+@pytest.mark.slow
+def test_resume_after_crash_matches_uninterrupted_run(keyword_task, tmp_path):
+    task_file, ckpt = keyword_task
+    cfg = FinetuneConfig(
+        method="lora",
+        max_steps=12,
+        eval_every=4,
+        batch_size=8,
+        lr=1e-3,
+        dropout=0.1,
+        precision="fp32",
+        patience=0,
+    )
+    whole = finetune(str(task_file), ckpt, tmp_path / "whole", cfg)
+
+    class Crash(RuntimeError):
+        pass
+
+    class CrashAt:
+        def on_step(self, step, metrics):
+            if step == 6:
+                raise Crash
+
+    with pytest.raises(Crash):
+        finetune(str(task_file), ckpt, tmp_path / "resumed", cfg, callbacks=CrashAt())
+    assert not (tmp_path / "resumed" / "manifest.json").exists()  # a crashed run never looks complete
+    steps_seen = []
+
+    class Count:
+        def on_step(self, step, metrics):
+            steps_seen.append(step)
+
+    resumed = finetune(str(task_file), ckpt, tmp_path / "resumed", cfg, callbacks=Count())
+    assert steps_seen[0] == 5  # continued after the checkpoint at step 4
+    assert [r["val_loss"] for r in resumed["history"]] == [r["val_loss"] for r in whole["history"]]
+    a, _ = load_model(tmp_path / "whole" / "best")
+    b, _ = load_model(tmp_path / "resumed" / "best")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
