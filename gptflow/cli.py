@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:  # one line per HTTP call to the local Prefect API is noise
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

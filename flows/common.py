@@ -1,0 +1,56 @@
+"""What every stage flow shares: the cached task decorator, environment defaults, and the call
+that skips a finished stage or recomputes one whose output has gone missing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from prefect import task
+
+from flows.caching import is_complete, stage_cache_key, stage_dir, stage_inputs
+
+TELEMETRY_OFF = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    # The temporary (ephemeral) API server needs more than the 20 s default on a busy 2-core box.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
+def quiet_defaults() -> None:
+    """Telemetry off unless the user chose otherwise (each variable only if unset)."""
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+
+
+def stage_task(name: str, retries: int = 0) -> Callable:
+    """A Prefect task whose JSON result is cached on its inputs' fingerprint (see flows.caching)."""
+    return task(
+        name=name,
+        cache_key_fn=stage_cache_key,
+        persist_result=True,
+        result_serializer="json",
+        retries=retries,
+        retry_delay_seconds=2,
+    )
+
+
+def call_stage(stage_fn, workdir: str, **params: Any) -> tuple[dict[str, Any], str]:
+    """Run a stage task in its own ``<workdir>/<stage>/<fingerprint>`` directory.
+
+    Returns (result, Prefect state name: "Completed" or "Cached"). A cache entry whose output
+    directory has gone missing or was never finished is refreshed instead of trusted.
+    """
+    out_dir = stage_dir(stage_fn.name, workdir, **stage_inputs(params))
+    fn = stage_fn.with_options(refresh_cache=not is_complete(out_dir))
+    state = fn(**params, out_dir=str(out_dir), return_state=True)
+    return state.result(), state.name
+
+
+def run_stage(stage_fn, workdir: str, **params: Any) -> dict[str, Any]:
+    """``call_stage`` for a single-stage flow: just the result."""
+    return call_stage(stage_fn, workdir, **params)[0]

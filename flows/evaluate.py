@@ -1,0 +1,43 @@
+"""Flow: evaluate a finetuned checkpoint on a task's test split, beside the task's baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from prefect import flow
+
+from flows.caching import is_complete
+from flows.common import quiet_defaults, run_stage, stage_task
+from flows.tracking import configure, log_dir, numeric, stage_run
+from gpt.evaluate import evaluate
+from gpt.io import read_json, read_manifest
+
+
+@stage_task("evaluate", retries=1)
+def evaluate_task(
+    task: str, checkpoint: str, pretrained: str | None, out_dir: str, parent_run_id: str | None = None
+) -> dict:
+    out = Path(out_dir)
+    with stage_run(f"evaluate:{task}", parent_run_id, {"task": task, "checkpoint": checkpoint}):
+        if not is_complete(out):
+            evaluate(task, Path(checkpoint), out, pretrained_dir=Path(pretrained) if pretrained else None)
+        read_manifest(out)  # raises unless the evaluation finished
+        metrics = read_json(out / "metrics.json", what="evaluation report")
+        mlflow.log_metrics(numeric(metrics))
+        log_dir(out, "evaluation")
+    return {"task": task, "dir": str(out), "metrics": metrics}
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(
+    task: str,
+    checkpoint: str,
+    pretrained: str | None = None,
+    workdir: str = "artifacts",
+    mlruns: str = "mlruns",
+) -> dict:
+    """Task metric on the test split + baseline (TF-IDF/LR, lead-1, or the un-finetuned model)."""
+    quiet_defaults()
+    configure(mlruns)
+    return run_stage(evaluate_task, task=task, checkpoint=checkpoint, pretrained=pretrained, workdir=workdir)

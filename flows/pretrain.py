@@ -1,0 +1,73 @@
+"""Flow: pretrain the GPT on the shards; resumes from the last checkpoint if a previous run died."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import mlflow
+from prefect import flow
+from pydantic import Field
+
+from flows.caching import is_complete
+from flows.common import quiet_defaults, run_stage, stage_task
+from flows.tracking import (
+    MlflowCallbacks,
+    configure,
+    flat_params,
+    log_dir,
+    log_loss_curve,
+    numeric,
+    stage_run,
+)
+from gpt.config import ModelConfig
+from gpt.io import read_manifest
+from gpt.train import train
+from gpt.train_config import TrainConfig
+
+
+@stage_task("pretrain", retries=1)
+def pretrain_task(
+    model: dict, train_config: dict, data: str, out_dir: str, parent_run_id: str | None = None
+) -> dict:
+    model_cfg, train_cfg = ModelConfig.from_dict(model), TrainConfig.from_dict(train_config)
+    out = Path(out_dir)
+    with stage_run("pretrain", parent_run_id, flat_params(model=model_cfg, train=train_cfg)):
+        if not is_complete(out):
+            # A retry, or a re-run after a crash, continues from the last checkpoint in `out`.
+            train(model_cfg, train_cfg, data, out, resume=True, callbacks=MlflowCallbacks())
+        summary = read_manifest(out)["metrics"]
+        mlflow.log_metrics(numeric(summary))
+        if (out / "metrics.jsonl").is_file():
+            log_loss_curve(out / "metrics.jsonl")
+        log_dir(out / "best", "checkpoint")
+    best = out / "best"
+    return {
+        "dir": str(out),
+        "best": str(best),
+        "val_bpb": summary.get("best_val_bpb"),
+        "summary": numeric(summary),
+    }
+
+
+@flow(name="pretrain", log_prints=True)
+def pretrain_flow(
+    data: str,
+    preset: Literal["tiny", "cpu", "gpt2-124m"] = "cpu",
+    max_steps: Annotated[int, Field(gt=0)] | None = None,
+    max_time: Annotated[float, Field(ge=0)] | None = None,
+    workdir: str = "artifacts",
+    mlruns: str = "mlruns",
+) -> dict:
+    """Pretrain a GPT preset on a shard directory (bf16 autocast where the CPU/GPU supports it)."""
+    quiet_defaults()
+    configure(mlruns)
+    overrides = {k: v for k, v in dict(max_steps=max_steps, max_time=max_time).items() if v is not None}
+    train_cfg = TrainConfig.preset(preset, **overrides)
+    return run_stage(
+        pretrain_task,
+        model=ModelConfig.preset(preset).to_dict(),
+        train_config=train_cfg.to_dict(),
+        data=str(Path(data)),
+        workdir=workdir,
+    )

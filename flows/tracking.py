@@ -1,0 +1,183 @@
+"""All MLflow calls in one place: store, experiment, nested stage runs, metrics, artifacts, registry.
+
+Default store: ``sqlite:///<mlruns>/mlflow.db`` with artifacts under ``<mlruns>/artifacts`` (the plain
+file store is in maintenance mode in MLflow 3). ``MLFLOW_TRACKING_URI`` overrides it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from gpt.train import Callbacks
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "gptflow"
+LM_MODEL_NAME = "gptflow-lm"
+
+
+def configure(mlruns: str | Path = "mlruns", experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns the experiment id."""
+    mlruns = Path(mlruns).resolve()
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlruns.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{mlruns / 'mlflow.db'}")
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        location = (mlruns / "artifacts").as_uri() if not os.environ.get("MLFLOW_TRACKING_URI") else None
+        return mlflow.create_experiment(experiment, artifact_location=location)
+    return exp.experiment_id
+
+
+def flat_params(**configs: Any) -> dict[str, Any]:
+    """``{"train": TrainConfig(...)}`` -> ``{"train.lr": ..., ...}`` (MLflow params are flat strings)."""
+    out: dict[str, Any] = {}
+    for prefix, cfg in configs.items():
+        data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        for k, v in data.items():
+            out[f"{prefix}.{k}"] = json.dumps(v) if isinstance(v, list | tuple | dict) else v
+    return out
+
+
+def numeric(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Keep the finite numbers of a (possibly nested) result dict, flattened with dots."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(numeric(v, f"{key}."))
+        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v)
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, parent_run_id: str | None, params: dict[str, Any] | None = None) -> Iterator[str]:
+    """A nested run for one stage under the pipeline's parent run (or a top-level run when alone)."""
+    with mlflow.start_run(
+        run_name=stage, nested=parent_run_id is not None, parent_run_id=parent_run_id
+    ) as run:
+        mlflow.set_tag("gptflow.stage", stage)
+        if params:
+            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        yield run.info.run_id
+
+
+class MlflowCallbacks(Callbacks):
+    """Per-step training curves into the active MLflow run."""
+
+    def __init__(self, prefix: str = "", every: int = 1):
+        self.prefix = prefix
+        self.every = max(1, every)
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        if step % self.every == 0:
+            mlflow.log_metrics(numeric(metrics, f"{self.prefix}train_"), step=step)
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        mlflow.log_metrics(numeric(metrics, self.prefix), step=step)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        mlflow.set_tag(f"{self.prefix}last_checkpoint", str(path))
+
+
+def log_dir(path: str | Path, name: str) -> None:
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=name)
+    elif path.is_file():
+        mlflow.log_artifact(str(path), artifact_path=name)
+
+
+def log_loss_curve(metrics_jsonl: str | Path, name: str = "loss_curve.png") -> None:
+    """Plot train/val loss from a training run's metrics.jsonl and log the PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r and "step" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    mlflow.log_figure(fig, name)
+    plt.close(fig)
+
+
+def log_bundle_model(
+    bundle_dir: str | Path, registered_name: str, metric: str, value: float, lower_is_better: bool
+):
+    """Log the ONNX bundle as a pyfunc model (torch-free runtime), register it, and promote it.
+
+    The new version becomes ``champion`` only if it beats the current champion on ``metric``;
+    otherwise it is the ``challenger``. The decision and both numbers are version tags.
+    """
+    from mlflow.models import infer_signature
+
+    from deploy.mlflow_model import GENERATION_PARAMS
+
+    code_file = Path(__file__).resolve().parents[1] / "deploy" / "mlflow_model.py"
+    kind = json.loads((Path(bundle_dir) / "config.json").read_text()).get("kind", "lm")
+    example = ["The market"]
+    output = [{"label": "x", "probs": {"x": 1.0}}] if kind == "classifier" else ["text"]
+    signature = infer_signature(example, output, params=GENERATION_PARAMS if kind == "lm" else None)
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(code_file),
+        artifacts={"bundle": str(Path(bundle_dir).resolve())},
+        code_paths=[str(code_file.parent)],  # the torch-free runtime travels with the model
+        pip_requirements=["onnxruntime", "sentencepiece", "numpy", "pandas"],
+        signature=signature,
+    )
+    return promote(info.model_uri, registered_name, metric, value, lower_is_better)
+
+
+def promote(model_uri: str, name: str, metric: str, value: float, lower_is_better: bool) -> dict[str, Any]:
+    client = MlflowClient()
+    version = mlflow.register_model(model_uri, name).version
+    client.set_model_version_tag(name, version, metric, str(value))
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champion = None
+    champion_value = (
+        float(champion.tags[metric]) if champion is not None and metric in champion.tags else None
+    )
+    if champion_value is None or not math.isfinite(champion_value):
+        better = True
+    else:
+        better = value < champion_value if lower_is_better else value > champion_value
+    alias = "champion" if better else "challenger"
+    client.set_registered_model_alias(name, alias, version)
+    decision = {
+        "model": name,
+        "version": int(version),
+        "alias": alias,
+        "metric": metric,
+        "candidate": value,
+        "champion_before": champion_value,
+        "champion_version_before": int(champion.version) if champion is not None else None,
+    }
+    for k, v in decision.items():
+        client.set_model_version_tag(name, version, f"promotion.{k}", str(v))
+    log.info("%s v%s -> %s (%s %.4f vs champion %s)", name, version, alias, metric, value, champion_value)
+    return decision

@@ -1,0 +1,68 @@
+"""``gptflow pipeline``: the whole chain as a Prefect flow, in-process (no server to start)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "run tokenizer → shard → pretrain → finetune/evaluate per task → ONNX export, tracked in MLflow"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset", choices=["tiny", "cpu", "gpt2-124m"], default="cpu", help="model + training preset"
+    )
+    p.add_argument(
+        "--corpus", default="bbc", help="built-in corpus name or a local file/directory (default: bbc)"
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="*",
+        default=None,
+        help="built-in task names or CSV/JSONL task files (default: bbc-topic bbc-headline qa)",
+    )
+    p.add_argument(
+        "--vocab-size", type=int, default=None, help="tokenizer vocabulary (default: the preset's)"
+    )
+    p.add_argument("--pretrain-steps", type=int, default=None, help="override the preset's pretraining steps")
+    p.add_argument(
+        "--pretrain-max-time", type=float, default=None, help="pretraining wall-clock budget, seconds"
+    )
+    p.add_argument(
+        "--finetune-epochs", type=int, default=None, help="override every task's finetuning epochs"
+    )
+    p.add_argument("--quantize", action="store_true", help="also export int8 bundles (quality cost measured)")
+    p.add_argument("--workdir", default="artifacts", help="where stage outputs go (default: ./artifacts)")
+    p.add_argument(
+        "--mlruns", default="mlruns", help="local MLflow store (ignored if MLFLOW_TRACKING_URI is set)"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from flows.common import quiet_defaults
+
+    quiet_defaults()  # before prefect/mlflow are imported
+    from flows.pipeline import DEFAULT_TASKS, pipeline
+
+    result = pipeline(
+        preset=args.preset,
+        corpus=args.corpus,
+        tasks=args.tasks or DEFAULT_TASKS,
+        vocab_size=args.vocab_size,
+        pretrain_steps=args.pretrain_steps,
+        pretrain_max_time=args.pretrain_max_time,
+        finetune_epochs=args.finetune_epochs,
+        quantize=args.quantize,
+        workdir=args.workdir,
+        mlruns=args.mlruns,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        for stage, state in result["states"].items():
+            print(f"{stage:28s} {state:10s} {result['timings_s'][stage]:8.1f} s")
+        print(
+            f"total {result['total_s']:.1f} s · MLflow run {result['run_id']} · outputs in {result['workdir']}"
+        )
+    return 0
