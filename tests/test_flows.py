@@ -5,7 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -145,3 +151,40 @@ def test_failing_stage_fails_the_flow_and_a_fixed_rerun_resumes_after_it(first_r
     fixed, _ = run_pipeline(root, tasks=[str(task_file)])
     assert fixed["states"]["tokenizer"] == fixed["states"]["shard"] == fixed["states"]["pretrain"] == "Cached"
     assert fixed["states"][f"finetune:{task_file.stem}"] == "Completed"
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_returns_generated_text(first_run):
+    root, _, _ = first_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"}
+    mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
+    args = [mlflow_cli, "models", "serve", "-m", "models:/gptflow-lm@champion", "--env-manager", "local"]
+    proc = subprocess.Popen(
+        [*args, "--host", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "mlflow models serve did not come up"
+                time.sleep(1)
+        body = json.dumps({"inputs": ["The market"], "params": {"max_new_tokens": 6}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
+            predictions = json.loads(r.read())["predictions"]
+        assert len(predictions) == 1 and isinstance(predictions[0], str) and predictions[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
