@@ -10,6 +10,7 @@ from prefect import flow
 from flows.caching import is_complete
 from flows.common import quiet_defaults, run_stage, stage_task
 from flows.tracking import LM_MODEL_NAME, configure, flat_params, log_bundle_model, numeric, stage_run
+from gpt.corpora import load_corpus
 from gpt.export import ExportConfig, export_bundle
 from gpt.io import read_json, write_manifest
 
@@ -23,11 +24,13 @@ def export_task(
     value: float | None,
     lower_is_better: bool,
     out_dir: str,
+    eval_corpus: str | None = None,
     parent_run_id: str | None = None,
 ) -> dict:
     """Export ``checkpoint`` (a model dir), then register the bundle as ``registered_name``.
 
-    ``value`` of ``metric`` decides the promotion (see flows.tracking.promote).
+    ``value`` of ``metric`` decides the promotion (see flows.tracking.promote). With int8
+    quantization, ``eval_corpus``'s held-out test documents measure its bits-per-byte cost.
     """
     cfg = ExportConfig.from_dict(config)
     out = Path(out_dir)
@@ -36,16 +39,24 @@ def export_task(
         f"export:{registered_name}", parent_run_id, {"checkpoint": checkpoint, **flat_params(export=cfg)}
     ):
         if not is_complete(out):
-            result = export_bundle(Path(checkpoint), bundle, cfg)
+            eval_text = held_out_text(eval_corpus) if eval_corpus and cfg.quantize != "none" else None
+            result = export_bundle(Path(checkpoint), bundle, cfg, eval_text=eval_text)
             write_manifest(out, stage="export", checkpoint=checkpoint, result=result)
         result = read_json(out / "manifest.json")["result"]
         mlflow.log_metrics(numeric(result.get("parity", {}), "parity."))
         mlflow.log_metric("onnx_size_bytes", float(result.get("size_bytes", 0)))
+        mlflow.log_metrics(numeric(result.get("quality_cost_int8", {}), "int8."))
         mlflow.log_artifacts(str(bundle), artifact_path="onnx_bundle")
         decision = None
         if value is not None:
             decision = log_bundle_model(bundle, registered_name, metric, float(value), lower_is_better)
     return {"dir": str(out), "bundle": str(bundle), "parity": result.get("parity", {}), "promotion": decision}
+
+
+def held_out_text(corpus: str, max_chars: int = 100_000) -> str:
+    """The corpus's test-split documents (never trained on), up to ``max_chars``."""
+    text = "\n".join(doc.text for doc in load_corpus(corpus).documents("test"))
+    return text[:max_chars]
 
 
 @flow(name="export", log_prints=True)

@@ -97,6 +97,7 @@ def pipeline(
             metric="val_bpb",
             value=pre["val_bpb"],
             lower_is_better=True,
+            eval_corpus=corpus if quantize else None,
         )
         for spec, task in zip(tasks, task_objs, strict=True):
             ft_cfg = FinetuneConfig.for_task(task, **({"epochs": finetune_epochs} if finetune_epochs else {}))

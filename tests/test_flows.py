@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import subprocess
-import sys
+import sysconfig
 import time
 import urllib.request
 from pathlib import Path
@@ -160,7 +160,7 @@ def test_mlflow_models_serve_returns_generated_text(first_run):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"}
-    mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
+    mlflow_cli = str(Path(sysconfig.get_path("scripts")) / "mlflow")
     args = [mlflow_cli, "models", "serve", "-m", "models:/gptflow-lm@champion", "--env-manager", "local"]
     proc = subprocess.Popen(
         [*args, "--host", "127.0.0.1", "-p", str(port)],
