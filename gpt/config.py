@@ -17,6 +17,7 @@ import yaml
 T = TypeVar("T", bound="ConfigBase")
 
 POS_ENCODINGS = ("sinusoidal", "learned", "rope")
+POOLINGS = ("last", "mean")
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -109,6 +110,7 @@ class ModelConfig(ConfigBase):
     layer_norm_eps: float = 1e-5  # LayerNorm epsilon (GPT-2: 1e-5)
     n_classes: int = 0  # > 0 adds a sequence-classification head with this many classes
     pad_token_id: int = 0  # id treated as padding by the classification head
+    pooling: str = "last"  # classification head input: last (last non-pad token) | mean (of non-pad tokens)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64),
@@ -129,6 +131,7 @@ class ModelConfig(ConfigBase):
                 f"pick n_embd as a multiple of n_head (e.g. {self.n_head * max(1, self.n_embd // self.n_head)})"
             )
         _one_of(self, "pos_encoding", POS_ENCODINGS)
+        _one_of(self, "pooling", POOLINGS)
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise ValueError(f"ModelConfig: rope needs an even head size, got n_embd/n_head={self.head_dim}")
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:

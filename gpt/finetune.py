@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt.config import ConfigBase, _in_range, _one_of, _positive
+from gpt.config import POOLINGS, ConfigBase, _in_range, _one_of, _positive
 from gpt.lora import LORA_TARGETS
 from gpt.tasks import Example, Task, check_labels, get_task, label_set, load_task_splits
 
@@ -56,6 +56,7 @@ class FinetuneConfig(ConfigBase):
     eval_every: int = 0  # steps between val evaluations (0 = once per epoch)
     patience: int = 3  # stop after this many evaluations without a better val metric (0 = never)
     class_weights: bool = False  # classification: weight the loss by inverse class frequency
+    pooling: str = "last"  # classification head input: last (last non-pad token) | mean (of non-pad tokens)
     precision: str = "auto"  # auto (bf16 autocast where the hardware has it) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1337  # data order, sampling and dropout
@@ -65,6 +66,7 @@ class FinetuneConfig(ConfigBase):
     def __post_init__(self) -> None:
         _one_of(self, "method", METHODS)
         _one_of(self, "precision", PRECISIONS)
+        _one_of(self, "pooling", POOLINGS)
         _one_of(self, "device", ("auto", "cpu", "cuda"))
         _positive(self, "batch_size", "lr", "lora_rank", "lora_alpha", "epochs")
         for name in (
@@ -381,6 +383,7 @@ def finetune(
             )
         check_labels(val_ex, labels, f"task {task.name!r} val split")
         overrides["n_classes"] = len(labels)
+        overrides["pooling"] = config.pooling
     model, meta = load_model(checkpoint_dir, device, **overrides)
     if meta.get("tokenizer_hash") not in (None, tokenizer.hash):
         raise ValueError(

@@ -281,10 +281,11 @@ class GPT(nn.Module):
         labels: torch.Tensor | None = None,
         class_weights: torch.Tensor | None = None,
     ):
-        """Class logits (B, n_classes) pooled at the last non-pad token; with ``labels`` also the loss.
+        """Class logits (B, n_classes) from the pooled hidden states; with ``labels`` also the loss.
 
-        Works with left or right padding: the pooled position is the last index whose mask is 1.
-        Without a mask, tokens equal to ``config.pad_token_id`` count as padding.
+        ``config.pooling``: "last" pools at the last non-pad token (left or right padding: the last
+        index whose mask is 1); "mean" averages the non-pad tokens. Without a mask, tokens equal to
+        ``config.pad_token_id`` count as padding.
         """
         if self.score is None:
             raise ValueError("this model has no classification head; build it with ModelConfig.n_classes > 0")
@@ -294,9 +295,13 @@ class GPT(nn.Module):
         # Left padding shifts positions so that the first real token is at position 0.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         h, _ = self.hidden_states(idx, attention_mask, position_ids)  # (B, T, C)
-        ar = torch.arange(T, device=idx.device)
-        last = (attention_mask.long() * ar).argmax(dim=-1)  # (B,) index of the last real token
-        pooled = h[torch.arange(B, device=idx.device), last]  # (B, C)
+        if self.config.pooling == "mean":
+            m = attention_mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
+            pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (B, C)
+        else:
+            ar = torch.arange(T, device=idx.device)
+            last = (attention_mask.long() * ar).argmax(dim=-1)  # (B,) index of the last real token
+            pooled = h[torch.arange(B, device=idx.device), last]  # (B, C)
         logits = self.score(pooled)  # (B, n_classes)
         if labels is None:
             return logits

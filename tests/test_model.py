@@ -113,8 +113,9 @@ def test_loss_ignores_minus_100_targets():
     assert loss.item() != pytest.approx(loss_masked.item(), rel=1e-3)
 
 
-def test_classification_head_pools_the_last_real_token_for_left_and_right_padding():
-    model = tiny(n_classes=3)
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_classification_head_ignores_left_and_right_padding(pooling):
+    model = tiny(n_classes=3, pooling=pooling)
     x = torch.randint(4, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
     ref = model.classify(x)
     assert ref.shape == (1, 3)
@@ -123,6 +124,16 @@ def test_classification_head_pools_the_last_real_token_for_left_and_right_paddin
     left = model.classify(torch.cat([zeros, x], 1), attention_mask=torch.cat([zeros, torch.ones_like(x)], 1))
     assert torch.allclose(right, ref, atol=1e-5)
     assert torch.allclose(left, ref, atol=1e-5)
+
+
+def test_mean_pooling_averages_the_real_tokens_hidden_states():
+    model = tiny(n_classes=3, pooling="mean")
+    x = torch.randint(4, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(x)
+    mask[1, 6:] = 0
+    h, _ = model.hidden_states(x, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+    expected = torch.stack([h[0].mean(0), h[1, :6].mean(0)]) @ model.score.weight.t()
+    assert torch.allclose(model.classify(x, mask), expected, atol=1e-5)
 
 
 def test_classify_without_head_is_a_clear_error():
