@@ -9,10 +9,18 @@ from prefect import flow
 
 from flows.caching import is_complete
 from flows.common import quiet_defaults, run_stage, stage_task
-from flows.tracking import LM_MODEL_NAME, configure, flat_params, log_bundle_model, numeric, stage_run
+from flows.tracking import (
+    LM_MODEL_NAME,
+    configure,
+    flat_params,
+    log_bundle_model,
+    log_dir,
+    numeric,
+    stage_run,
+)
 from gpt.corpora import load_corpus
 from gpt.export import ExportConfig, export_bundle
-from gpt.io import read_json, write_manifest
+from gpt.io import read_manifest, write_manifest
 
 
 @stage_task("export", retries=1)
@@ -42,13 +50,16 @@ def export_task(
             eval_text = held_out_text(eval_corpus) if eval_corpus and cfg.quantize != "none" else None
             result = export_bundle(Path(checkpoint), bundle, cfg, eval_text=eval_text)
             write_manifest(out, stage="export", checkpoint=checkpoint, result=result)
-        result = read_json(out / "manifest.json")["result"]
+        result = read_manifest(out)["result"]
         mlflow.log_metrics(numeric(result.get("parity", {}), "parity."))
         mlflow.log_metric("onnx_size_bytes", float(result.get("size_bytes", 0)))
         mlflow.log_metrics(numeric(result.get("quality_cost_int8", {}), "int8."))
-        mlflow.log_artifacts(str(bundle), artifact_path="onnx_bundle")
+        if result.get("bundle_int8"):
+            log_dir(result["bundle_int8"], "onnx_bundle_int8")
         decision = None
-        if value is not None:
+        if value is None:
+            log_dir(bundle, "onnx_bundle")
+        else:  # the pyfunc model carries the bundle itself: no second copy
             decision = log_bundle_model(bundle, registered_name, metric, float(value), lower_is_better)
     return {"dir": str(out), "bundle": str(bundle), "parity": result.get("parity", {}), "promotion": decision}
 
