@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import inspect
 import re
+import types
 import typing
 from typing import Any
 
@@ -33,7 +34,7 @@ def field_help(cls: type) -> dict[str, str]:
 def _scalar_type(tp: Any) -> Any:
     """The argparse ``type=`` for an annotation (Optional[X] -> X, tuple[X, ...] -> X with nargs)."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _scalar_type(args[0])
     return tp
