@@ -10,6 +10,7 @@ Shapes: B batch, T new tokens, P cached (past) tokens, S = P + T keys, C n_embd,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -77,11 +78,18 @@ class CausalSelfAttention(nn.Module):
             k = torch.cat([past[0], k], dim=2)  # (B, nh, S, hs)
             v = torch.cat([past[1], v], dim=2)  # (B, nh, S, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if mask is None:  # plain causal training/prefill: the fused kernel builds the mask itself
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        dtype = q.dtype
+        fp32_attention = dtype == torch.bfloat16 and q.device.type == "cpu"
+        if fp32_attention:
+            # torch 2.13's bf16 flash-attention backward on CPU is ~6x slower than fp32 (measured);
+            # the matmuls around it stay bf16. Autocast would cast back to bf16, so it is paused.
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
+            if mask is None:  # plain causal training/prefill: the fused kernel builds the mask itself
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
 

@@ -166,3 +166,18 @@ def test_tiny_model_overfits_two_fixed_batches():
     with torch.no_grad():
         final = max(model(b[:, :-1], b[:, 1:])[1].item() for b in batches)
     assert final < 0.1, f"tiny model failed to memorise 2 batches: loss {final:.3f}"
+
+
+def test_bf16_autocast_on_cpu_tracks_fp32_and_keeps_the_cache_usable():
+    model = tiny()
+    x = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(7))
+    ref_logits, ref_loss = model(x, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(x, x)
+        loss.backward()
+        _, past = model.decode(x[:, :8])
+        step, _ = model.decode(x[:, 8:9], past)
+    assert abs(loss.item() - ref_loss.item()) < 0.05
+    assert (logits.float() - ref_logits).abs().max().item() < 0.1
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert (step.float()[:, 0] - ref_logits[:, 8]).abs().max().item() < 0.1
