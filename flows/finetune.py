@@ -12,7 +12,7 @@ from pydantic import Field
 from flows.caching import is_complete
 from flows.common import quiet_defaults, run_stage, stage_task
 from flows.tracking import MlflowCallbacks, configure, flat_params, numeric, stage_run
-from gpt.finetune import FinetuneConfig, finetune
+from gpt.finetune import FinetuneConfig, finetune, resolve_model_dir
 from gpt.io import read_manifest
 
 
@@ -24,7 +24,7 @@ def finetune_task(
     out = Path(out_dir)
     with stage_run(f"finetune:{task}", parent_run_id, {"task": task, **flat_params(finetune=cfg)}):
         if not is_complete(out):
-            finetune(task, f"{pretrained}/best", out, cfg, callbacks=MlflowCallbacks())
+            finetune(task, resolve_model_dir(pretrained), out, cfg, callbacks=MlflowCallbacks())
         summary = read_manifest(out)["metrics"]
         mlflow.log_metrics(numeric(summary))
     return {"task": task, "dir": str(out), "best": str(out / "best"), "summary": numeric(summary)}

@@ -63,14 +63,16 @@ def pipeline(
     timings: dict[str, float] = {}
     results: dict[str, Any] = {"tasks": {}}
 
-    def stage(label: str, fn, **params):
-        t = time.perf_counter()
-        result, state = call_stage(fn, **params, workdir=workdir, parent_run_id=parent_id)
-        states[label], timings[label] = state, round(time.perf_counter() - t, 2)
-        return result
-
     with mlflow.start_run(run_name=f"pipeline-{preset}") as run:
         parent_id = run.info.run_id
+
+        def stage(label: str, fn, **params):
+            """Run one cached stage under this pipeline's MLflow run; record its state and time."""
+            t = time.perf_counter()
+            result, state = call_stage(fn, **params, workdir=workdir, parent_run_id=parent_id)
+            states[label], timings[label] = state, round(time.perf_counter() - t, 2)
+            return result
+
         mlflow.set_tag("gptflow.stage", "pipeline")
         mlflow.log_params(
             {"preset": preset, "corpus": corpus, "tasks": ",".join(tasks)}
