@@ -544,6 +544,25 @@ class OnnxClassifier(_Bundle):
         n = int(config["model"]["n_classes"])
         if len(self.labels) != n:
             raise ValueError(f"{bundle / CONFIG_FILE}: {len(self.labels)} labels for {n} classes; re-export")
+        spec = config.get("classifier_input") or {}
+        template = str(spec.get("prompt_template", "{input}"))
+        if "{input}" not in template:
+            raise ValueError(f"{bundle / CONFIG_FILE}: classifier_input.prompt_template lacks '{{input}}'")
+        pre, post = template.split("{input}", 1)
+        self._pre, self._post = self.encode(pre) if pre else [], self.encode(post) if post else []
+        self.max_len = min(int(spec.get("max_len", self.max_context)), self.max_context)
+        self.windows = max(1, int(spec.get("windows", 1)))
+        self._room = self.max_len - 2 - len(self._pre) - len(self._post)
+        if self._room < 1:
+            raise ValueError(f"{bundle / CONFIG_FILE}: classifier_input.max_len leaves no room for the text")
+
+    def input_windows(self, text: str) -> list[list[int]]:
+        """The token windows finetuning trained on (gpt.finetune.classification_windows, repeated here)."""
+        ids, room = self.encode(text), self._room
+        pieces = [ids[i : i + room] for i in range(0, len(ids), room)][: self.windows] or [[]]
+        if len(pieces) > 1 and len(pieces[-1]) < room / 4:
+            pieces.pop()
+        return [[self.eos_id, *self._pre, *p, *self._post, self.eos_id] for p in pieces]
 
     def logits(self, ids: list[list[int]]) -> np.ndarray:
         """Class logits (B, n_classes) for token id lists (right-padded here; truncated to the context)."""
@@ -556,18 +575,33 @@ class OnnxClassifier(_Bundle):
             mask[r, : len(x)] = 1
         return self.session.run(["logits"], {"input_ids": batch, "attention_mask": mask})[0]
 
+    def log_probs(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """(N, n_classes): per text, the mean of its windows' log-softmax, renormalised (as in training)."""
+        flat = [(t, w) for t, text in enumerate(texts) for w in self.input_windows(text)]
+        flat.sort(key=lambda item: len(item[1]))  # similar lengths per batch: little padding
+        total = np.zeros((len(texts), len(self.labels)), dtype=np.float64)
+        count = np.zeros((len(texts), 1), dtype=np.float64)
+        for i in range(0, len(flat), batch_size):
+            rows = flat[i : i + batch_size]
+            logits = self.logits([w for _, w in rows]).astype(np.float64)
+            logits -= logits.max(-1, keepdims=True)
+            lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            for (t, _), row in zip(rows, lp, strict=True):
+                total[t] += row
+                count[t] += 1
+        mean = total / count
+        mean -= mean.max(-1, keepdims=True)
+        return mean - np.log(np.exp(mean).sum(-1, keepdims=True))
+
     def classify(self, texts: str | list[str], batch_size: int = 32) -> list[dict[str, Any]]:
-        """``[{"label": str, "probs": {label: p}}]``, one per text; long texts keep their first tokens."""
+        """``[{"label": str, "probs": {label: p}}]``, one per text, read as finetuning read it."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         out: list[dict[str, Any]] = []
-        for i in range(0, len(texts), batch_size):
-            ids = [self._prompt_ids(t) for t in texts[i : i + batch_size]]
-            probs = _softmax(self.logits(ids))
-            for row in probs:
-                out.append(
-                    {
-                        "label": self.labels[int(row.argmax())],
-                        "probs": {label: float(p) for label, p in zip(self.labels, row, strict=True)},
-                    }
-                )
+        for row in np.exp(self.log_probs(texts, batch_size)) if texts else []:
+            out.append(
+                {
+                    "label": self.labels[int(row.argmax())],
+                    "probs": {label: float(p) for label, p in zip(self.labels, row, strict=True)},
+                }
+            )
         return out

@@ -507,7 +507,7 @@ def create_app(
         texts = [texts] if isinstance(texts, str) else texts
         if not 1 <= len(texts) <= config.max_choices:
             raise APIError(400, f"give 1 to {config.max_choices} texts, got {len(texts)}", param="input")
-        # Texts longer than the classifier's context are truncated by the runtime (first tokens kept).
+        # The runtime reads a text in the windows finetuning used (config classifier_input); the rest is cut.
         limit = config.max_prompt_tokens
         counts = [_token_count(clf, t) for t in texts]
         for i, c in enumerate(counts):

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt.finetune import EOS_ID, PAD_ID, encode_classification, encode_prompt
+from gpt.finetune import EOS_ID, PAD_ID, classification_windows, encode_prompt
 from gpt.metrics import classification_metrics, completion_metrics
 from gpt.tasks import Example, Task, check_labels, get_task, load_task_splits
 
@@ -34,27 +34,21 @@ log = logging.getLogger(__name__)
 
 
 def predict_classes(
-    model, tokenizer, task: Task, texts: Sequence[str], max_len: int, batch_size: int = 32, amp=None
+    model,
+    tokenizer,
+    task: Task,
+    texts: Sequence[str],
+    max_len: int,
+    batch_size: int = 32,
+    amp=None,
+    windows: int = 1,
 ) -> list[int]:
-    """Class ids, batched over length-sorted inputs (little padding)."""
-    import torch
-
-    from gpt.finetune import collate
-    from gpt.train import autocast
+    """Class ids; a text longer than one window is read in up to ``windows`` windows (mean log-probs)."""
+    from gpt.finetune import class_log_probs
 
     device = next(model.parameters()).device
-    encoded = [encode_classification(tokenizer, task, t, max_len) for t in texts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    preds = [0] * len(encoded)
-    model.eval()
-    with torch.no_grad(), autocast(device, amp):
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            idx, mask, _ = collate([(encoded[i], 0) for i in rows], "classification")
-            logits = model.classify(idx.to(device), mask.to(device))
-            for i, p in zip(rows, logits.argmax(-1).tolist(), strict=True):
-                preds[i] = p
-    return preds
+    groups = [classification_windows(tokenizer, task, t, max_len, windows) for t in texts]
+    return class_log_probs(model, groups, batch_size, device, amp).argmax(-1).tolist()
 
 
 def _newline_ids(tokenizer) -> set[int]:
@@ -368,7 +362,11 @@ def evaluate(
             )
         check_labels(test, labels, f"task {task.name!r} test split vs {checkpoint_dir}")
         max_len = meta.get("max_len") or min(task.max_input_tokens, model.config.block_size)
-        pred_ids = predict_classes(model, tokenizer, task, [e.input for e in test], max_len, batch_size, amp)
+        windows = int(meta.get("windows") or 1)
+        report["windows"] = windows
+        pred_ids = predict_classes(
+            model, tokenizer, task, [e.input for e in test], max_len, batch_size, amp, windows
+        )
         preds = [labels[i] for i in pred_ids]
         truth = [e.target for e in test]
         report["n_scored"] = len(test)

@@ -408,6 +408,15 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def _classifier_input(meta: dict, block_size: int) -> dict[str, Any]:
+    """How finetuning encoded a text (gpt.finetune.classification_windows), for the runtime to repeat."""
+    return {
+        "prompt_template": str(meta.get("prompt_template") or "{input}"),
+        "max_len": int(min(meta.get("max_len") or block_size, block_size)),
+        "windows": int(meta.get("windows") or 1),
+    }
+
+
 def _labels(meta: dict, n_classes: int) -> list[str]:
     labels = meta.get("labels")
     if labels is None:
@@ -487,6 +496,7 @@ def export_bundle(
             "special_ids": dict(SPECIAL_IDS),
             "add_bos": config.add_bos,
             "labels": labels,
+            "classifier_input": _classifier_input(meta, cfg.block_size) if kind == "classifier" else None,
             "opset": config.opset,
             "io": {
                 "inputs": [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]

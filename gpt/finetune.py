@@ -57,6 +57,7 @@ class FinetuneConfig(ConfigBase):
     patience: int = 3  # stop after this many evaluations without a better val metric (0 = never)
     class_weights: bool = False  # classification: weight the loss by inverse class frequency
     pooling: str = "last"  # classification head input: last (last non-pad token) | mean (of non-pad tokens)
+    windows: int = 1  # classification: read a long input as up to this many max_len windows (train on each, predict from their mean log-probs)
     precision: str = "auto"  # auto (bf16 autocast where the hardware has it) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1337  # data order, sampling and dropout
@@ -68,7 +69,7 @@ class FinetuneConfig(ConfigBase):
         _one_of(self, "precision", PRECISIONS)
         _one_of(self, "pooling", POOLINGS)
         _one_of(self, "device", ("auto", "cpu", "cuda"))
-        _positive(self, "batch_size", "lr", "lora_rank", "lora_alpha", "epochs")
+        _positive(self, "batch_size", "lr", "lora_rank", "lora_alpha", "epochs", "windows")
         for name in (
             "trainable_blocks",
             "epochs",
@@ -80,6 +81,7 @@ class FinetuneConfig(ConfigBase):
             "eval_every",
             "patience",
             "lora_rank",
+            "windows",
             "seed",
         ):
             value = getattr(self, name)
@@ -122,6 +124,31 @@ def encode_prompt(tokenizer, task: Task, text: str, budget: int) -> list[int]:
 def encode_classification(tokenizer, task: Task, text: str, max_len: int) -> list[int]:
     """Prompt + a final EOS: the classifier pools there, at the same token for every example."""
     return [*encode_prompt(tokenizer, task, text, max_len - 1), EOS_ID]
+
+
+def classification_windows(
+    tokenizer, task: Task, text: str, max_len: int, windows: int = 1
+) -> list[list[int]]:
+    """The input cut into up to ``windows`` consecutive pieces, each encoded like ``encode_classification``.
+
+    One window is the input's start, as ``encode_classification`` gives it. More windows let a model
+    with a short context read a long article whole (a TF-IDF baseline sees every word). A last piece
+    shorter than a quarter window is dropped when there are others: a few words carry little evidence.
+    """
+    pre, post = task.prompt_template.split("{input}", 1)
+    pre_ids = tokenizer.encode(pre) if pre else []
+    post_ids = tokenizer.encode(post) if post else []
+    room = max_len - 2 - len(pre_ids) - len(post_ids)  # 2: the leading and the final EOS
+    if room < 1:
+        raise ValueError(
+            f"task {task.name!r}: max length {max_len} leaves no room for the input after the prompt template; "
+            "raise --max-len"
+        )
+    ids = tokenizer.encode(text)
+    pieces = [ids[i : i + room] for i in range(0, len(ids), room)][:windows] or [[]]
+    if len(pieces) > 1 and len(pieces[-1]) < room / 4:
+        pieces.pop()
+    return [[EOS_ID, *pre_ids, *piece, *post_ids, EOS_ID] for piece in pieces]
 
 
 def encode_completion(tokenizer, task: Task, example: Example, max_len: int) -> tuple[list[int], list[int]]:
@@ -243,31 +270,55 @@ def set_trainable(model, config: FinetuneConfig, kind: str) -> None:
 # Validation
 
 
-def validate(model, data, kind: str, batch_size: int, device, amp=None) -> dict[str, float]:
-    """Classification: accuracy + mean loss; completion: mean per-token loss."""
+def class_log_probs(model, groups: list[list[list[int]]], batch_size: int, device, amp=None):
+    """(N, n_classes) float32 log-probabilities, one row per group of windows: the mean of the windows'
+    log-softmax, renormalised (a product of experts). Windows are batched by length (little padding)."""
     import torch
 
-    model.eval()
-    total_loss, n_loss, correct = 0.0, 0, 0
     from gpt.train import autocast
 
+    flat = [(g, ids) for g, windows in enumerate(groups) for ids in windows]
+    flat.sort(key=lambda item: len(item[1]))
+    total = torch.zeros(len(groups), model.config.n_classes)
+    count = torch.zeros(len(groups), 1)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast(device, amp):
+        for start in range(0, len(flat), batch_size):
+            rows = flat[start : start + batch_size]
+            idx, mask, _ = collate([(ids, 0) for _, ids in rows], "classification")
+            logits = model.classify(idx.to(device), mask.to(device))
+            owner = torch.tensor([g for g, _ in rows])
+            total.index_add_(0, owner, logits.float().log_softmax(-1).cpu())
+            count.index_add_(0, owner, torch.ones(len(rows), 1))
+    model.train(was_training)
+    return (total / count).log_softmax(-1)
+
+
+def validate(model, data, kind: str, batch_size: int, device, amp=None) -> dict[str, float]:
+    """Classification (``data``: (windows, label) pairs): accuracy + mean loss; completion: mean per-token loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from gpt.train import autocast
+
+    if kind == "classification":
+        log_probs = class_log_probs(model, [w for w, _ in data], batch_size, device, amp)
+        labels = torch.tensor([y for _, y in data], dtype=torch.long)
+        return {
+            "val_loss": float(F.nll_loss(log_probs, labels)),
+            "val_accuracy": float((log_probs.argmax(-1) == labels).float().mean()),
+        }
+    model.eval()
+    total_loss, n_loss = 0.0, 0
     with torch.no_grad(), autocast(device, amp):
         for start in range(0, len(data), batch_size):
-            idx, mask, labels = (t.to(device) for t in collate(data[start : start + batch_size], kind))
-            if kind == "classification":
-                logits, loss = model.classify(idx, mask, labels)
-                correct += int((logits.argmax(-1) == labels).sum())
-                total_loss += float(loss) * len(labels)
-                n_loss += len(labels)
-            else:
-                n = int((labels != IGNORE_INDEX).sum())
-                total_loss += float(completion_loss(model, idx, labels)) * n
-                n_loss += n
+            idx, _, labels = (t.to(device) for t in collate(data[start : start + batch_size], kind))
+            n = int((labels != IGNORE_INDEX).sum())
+            total_loss += float(completion_loss(model, idx, labels)) * n
+            n_loss += n
     model.train()
-    out = {"val_loss": total_loss / max(1, n_loss)}
-    if kind == "classification":
-        out["val_accuracy"] = correct / max(1, len(data))
-    return out
+    return {"val_loss": total_loss / max(1, n_loss)}
 
 
 def _score(val: dict[str, float], kind: str) -> tuple[float, float]:
@@ -392,15 +443,19 @@ def finetune(
         )
     max_len = resolve_max_len(task, config, model.config.block_size)
 
-    def encode(examples: list[Example]) -> list[tuple[list[int], Any]]:
-        if task.kind == "classification":
+    def encode(examples: list[Example]) -> list[tuple[Any, Any]]:
+        if task.kind == "classification":  # (windows, label id)
             lab = {name: i for i, name in enumerate(labels)}
             return [
-                (encode_classification(tokenizer, task, e.input, max_len), lab[e.target]) for e in examples
+                (classification_windows(tokenizer, task, e.input, max_len, config.windows), lab[e.target])
+                for e in examples
             ]
         return [encode_completion(tokenizer, task, e, max_len) for e in examples]
 
-    train_data, val_data = encode(train_ex), encode(val_ex)
+    val_data = encode(val_ex)
+    train_data = encode(train_ex)
+    if task.kind == "classification":  # every window is a training example with its article's label
+        train_data = [(ids, y) for windows, y in train_data for ids in windows]
     class_weights = None
     if task.kind == "classification" and config.class_weights:
         counts = Counter(y for _, y in train_data)
@@ -417,7 +472,7 @@ def finetune(
     eval_every = config.eval_every or steps_per_epoch
     lengths = [len(ids) for ids, _ in train_data]
     log.info(
-        "finetune %s (%s, %s): %d train / %d val examples, max_len %d, %d steps, %s trainable params, %s",
+        "finetune %s (%s, %s): %d train sequences / %d val examples, max_len %d, %d steps, %s trainable params, %s",
         task.name,
         task.kind,
         config.method,
@@ -536,6 +591,8 @@ def finetune(
         pretrained=str(checkpoint_dir.resolve()),
         finetune=config.to_dict(),
         max_len=max_len,
+        windows=config.windows,
+        prompt_template=task.prompt_template,
         val=best_val,
     )
     shutil.copyfile(checkpoint_dir / MODEL_FILE, best_dir / MODEL_FILE)
@@ -549,9 +606,11 @@ def finetune(
         "steps": step,
         "total_steps": total_steps,
         "stopped": stopped,
-        "n_train": len(train_data),
+        "n_train": len(train_ex),
+        "n_train_sequences": len(train_data),
         "n_val": len(val_data),
         "max_len": max_len,
+        "windows": config.windows,
         "trainable_params": n_trainable,
         "train_seconds": round(train_seconds, 2),
         "tokens_per_s": round(tokens_seen / max(train_seconds - elapsed0, 1e-9), 1),

@@ -31,10 +31,12 @@ def tok(tmp_path_factory) -> Tokenizer:
     return Tokenizer.train([TEXT], tmp_path_factory.mktemp("tok"), TokenizerConfig(vocab_size=300))
 
 
-def make_checkpoint(path, tok: Tokenizer, seed: int = 0, **model_kw) -> tuple[GPT, object]:
+def make_checkpoint(path, tok: Tokenizer, seed: int = 0, meta=None, **model_kw) -> tuple[GPT, object]:
     torch.manual_seed(seed)
     model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, **model_kw)).eval()
-    meta = {"labels": [f"class{i}" for i in range(model.config.n_classes)]} if model.config.n_classes else {}
+    meta = dict(meta or {})
+    if model.config.n_classes:
+        meta["labels"] = [f"class{i}" for i in range(model.config.n_classes)]
     save_model(path, model, tokenizer_hash=tok.hash, **meta)
     shutil.copyfile(tok.path, path / "tokenizer.model")
     return model, path
@@ -113,25 +115,37 @@ def test_int8_bundle_runs_and_records_its_quality_cost(exported):
     assert g.completion_tokens == 8
 
 
+CLASSIFIER_INPUT = {"prompt_template": "Topic of: {input}\n", "max_len": 16, "windows": 3}
+
+
 @pytest.fixture(scope="module")
 def classifier(tok, tmp_path_factory):
     root = tmp_path_factory.mktemp("cls")
-    model, ckpt = make_checkpoint(root / "ckpt", tok, n_classes=3)
+    model, ckpt = make_checkpoint(root / "ckpt", tok, n_classes=3, meta=CLASSIFIER_INPUT)
     return model, export_bundle(ckpt, root / "bundle"), ckpt
 
 
-def test_classifier_bundle_matches_torch_and_names_labels(classifier, tok):
+def test_classifier_bundle_reads_texts_as_finetuning_did(classifier, tok):
+    """Same windows (template, EOS, max_len, several windows per long text) and the same mean log-probs."""
+    from gpt.finetune import class_log_probs, classification_windows
+    from gpt.tasks import Task
+
     model, result, _ = classifier
     assert result["kind"] == "classifier" and result["parity"]["max_abs_diff"] <= 1e-4
     clf = load_bundle(result["bundle"])
     assert clf.labels == ["class0", "class1", "class2"]
-    texts = ["The quick brown fox", "sea shells", "x"]
-    out = clf.classify(texts)
-    with torch.no_grad():
-        for text, row in zip(texts, out, strict=True):
-            probs = torch.softmax(model.classify(torch.tensor([tok.encode(text)])), -1)[0]
-            assert row["label"] == clf.labels[int(probs.argmax())]
-            assert np.allclose([row["probs"][k] for k in clf.labels], probs.numpy(), atol=1e-5)
+    texts = ["The quick brown fox", "sea shells", "x", TEXT[:400], ""]  # TEXT[:400]: more than 3 windows
+    task = Task(
+        "t", "classification", "x.csv", ("accuracy",), prompt_template=CLASSIFIER_INPUT["prompt_template"]
+    )
+    groups = [classification_windows(tok, task, t, 16, 3) for t in texts]
+    assert [clf.input_windows(t) for t in texts] == groups
+    assert [len(g) for g in groups][3] == 3 and all(len(w) <= 16 for g in groups for w in g)
+    want = class_log_probs(model, groups, 4, torch.device("cpu")).exp().numpy()
+    out = clf.classify(texts, batch_size=4)
+    for row, probs in zip(out, want, strict=True):
+        assert row["label"] == clf.labels[int(probs.argmax())]
+        assert np.allclose([row["probs"][k] for k in clf.labels], probs, atol=1e-5)
 
 
 def test_failed_parity_writes_no_bundle(classifier, tmp_path, monkeypatch):

@@ -16,7 +16,10 @@ from gpt.config import ModelConfig
 from gpt.finetune import (
     IGNORE_INDEX,
     FinetuneConfig,
+    class_log_probs,
+    classification_windows,
     completion_loss,
+    encode_classification,
     encode_completion,
     finetune,
     set_trainable,
@@ -144,6 +147,70 @@ def test_classification_finetune_beats_chance(keyword_task, tmp_path):
     manifest = json.loads((tmp_path / "ft" / "manifest.json").read_text())
     assert manifest["metrics"]["steps"] == result["steps"]
     assert not (tmp_path / "ft" / "state").exists()  # resumable state is removed once the run completes
+
+
+def test_classification_windows_read_a_long_input_in_order(keyword_task):
+    tok = Tokenizer(keyword_task[1])
+    task = Task("t", "classification", "x.csv", ("accuracy",), prompt_template="Topic: {input}\n")
+    text = " ".join(f"n{i}" for i in range(60))
+    ids, pre, post = tok.encode(text), tok.encode("Topic: "), tok.encode("\n")
+    room = 24 - 2 - len(pre) - len(post)
+    assert classification_windows(tok, task, text, 24) == [encode_classification(tok, task, text, 24)]
+    windows = classification_windows(tok, task, text, 24, windows=3)
+    assert len(windows) == 3 and len(ids) > 3 * room
+    for w in windows:
+        assert len(w) == 24 and w[0] == w[-1] == tok.eos_id
+        assert w[1 : 1 + len(pre)] == pre and w[-1 - len(post) : -1] == post
+    assert sum((w[1 + len(pre) : -1 - len(post)] for w in windows), []) == ids[: 3 * room]
+    # A tail shorter than a quarter window is dropped; an input shorter than a window keeps one.
+    assert len(classification_windows(tok, task, tok.decode(ids[: room + 1]), 24, windows=3)) == 1
+    assert len(classification_windows(tok, task, tok.decode(ids[: room + room // 2]), 24, windows=3)) == 2
+    assert len(classification_windows(tok, task, "", 24, windows=3)) == 1
+
+
+def test_class_log_probs_average_each_inputs_windows():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=64, n_classes=3)).eval()
+    g = torch.Generator().manual_seed(0)
+    groups = [
+        [torch.randint(4, 64, (n,), generator=g).tolist() for n in lengths]
+        for lengths in ([5], [9, 9, 3], [7, 2], [12])
+    ]
+    with torch.no_grad():
+        want = torch.stack(
+            [
+                torch.stack([model.classify(torch.tensor([w]))[0].log_softmax(-1) for w in windows])
+                .mean(0)
+                .log_softmax(-1)
+                for windows in groups
+            ]
+        )
+    for batch_size in (1, 3, 16):  # padding and batching must not change the result
+        got = class_log_probs(model, groups, batch_size, torch.device("cpu"))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_windows_let_the_classifier_see_past_the_first_window(tmp_path):
+    """The keyword sits after 20 filler words: outside the first 16-token window, inside the later ones."""
+    rows = keyword_rows(seed=1)
+    rng = random.Random(1)
+    for r in rows:
+        r["text"] = " ".join(rng.choice(FILLER) for _ in range(20)) + " " + r["text"]
+    task_file = write_csv(tmp_path / "late.csv", rows)
+    ckpt = make_checkpoint(tmp_path, [r["text"] for r in rows])
+    tok = Tokenizer(ckpt / "tokenizer.model")
+    task = Task("late", "classification", str(task_file), ("accuracy",))
+    keywords = {k for ks in KEYWORDS.values() for k in ks}
+    first = [tok.decode(classification_windows(tok, task, r["text"], 16)[0]) for r in rows]
+    assert not any(k in text.split() for text in first for k in keywords)
+    cfg = FinetuneConfig(
+        epochs=4, lr=2e-3, dropout=0.0, precision="fp32", patience=0, seed=0, max_len=16, windows=4
+    )
+    result = finetune(str(task_file), ckpt, tmp_path / "ft", cfg)
+    assert result["n_train_sequences"] > 2 * result["n_train"]
+    assert result["best_val"]["val_accuracy"] >= 0.7  # chance is 1/3; the first window alone cannot beat it
+    assert load_model(tmp_path / "ft" / "best")[1]["windows"] == 4
 
 
 def test_lora_merged_weights_give_same_logits():
