@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpt.config import ModelConfig
-from gpt.model import GPT, sinusoidal_table
+from gpt.model import GPT, gelu_tanh, sinusoidal_table
 
 POS = ["learned", "sinusoidal", "rope"]
 
@@ -181,3 +181,27 @@ def test_bf16_autocast_on_cpu_tracks_fp32_and_keeps_the_cache_usable():
     assert (logits.float() - ref_logits).abs().max().item() < 0.1
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert (step.float()[:, 0] - ref_logits[:, 8]).abs().max().item() < 0.1
+
+
+def test_compiled_model_matches_eager_logits_and_gradients():
+    """torch.compile takes another GELU formula (gpt.model.gelu_tanh); the results must not move."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=64, n_layer=1, dropout=0.0))
+    x = torch.randint(0, 64, (2, 16))
+    _, loss = model(x, x)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    logits, loss_c = torch.compile(model)(x, x)
+    loss_c.backward()
+    torch.testing.assert_close(logits, model(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_gelu_tanh_forms_agree():
+    x = torch.linspace(-8, 8, 4001, dtype=torch.float64)
+    sigmoid_form = x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
+    torch.testing.assert_close(gelu_tanh(x), sigmoid_form, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.compile(gelu_tanh)(x), sigmoid_form, atol=1e-12, rtol=0)
