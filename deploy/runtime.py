@@ -576,7 +576,7 @@ class OnnxClassifier(_Bundle):
         return self.session.run(["logits"], {"input_ids": batch, "attention_mask": mask})[0]
 
     def log_probs(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """(N, n_classes): per text, the mean of its windows' log-softmax, renormalised (as in training)."""
+        """(N, n_classes): per text, the mean of its windows' log-softmax, renormalised (as gptflow evaluate scores it)."""
         flat = [(t, w) for t, text in enumerate(texts) for w in self.input_windows(text)]
         flat.sort(key=lambda item: len(item[1]))  # similar lengths per batch: little padding
         total = np.zeros((len(texts), len(self.labels)), dtype=np.float64)
