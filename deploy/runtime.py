@@ -246,6 +246,12 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return x / x.sum(axis=-1, keepdims=True)
 
 
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
 def _pick(
     logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator, seen: np.ndarray | None
 ) -> np.ndarray:
@@ -583,15 +589,10 @@ class OnnxClassifier(_Bundle):
         count = np.zeros((len(texts), 1), dtype=np.float64)
         for i in range(0, len(flat), batch_size):
             rows = flat[i : i + batch_size]
-            logits = self.logits([w for _, w in rows]).astype(np.float64)
-            logits -= logits.max(-1, keepdims=True)
-            lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-            for (t, _), row in zip(rows, lp, strict=True):
+            for (t, _), row in zip(rows, _log_softmax(self.logits([w for _, w in rows])), strict=True):
                 total[t] += row
                 count[t] += 1
-        mean = total / count
-        mean -= mean.max(-1, keepdims=True)
-        return mean - np.log(np.exp(mean).sum(-1, keepdims=True))
+        return _log_softmax(total / count)
 
     def classify(self, texts: str | list[str], batch_size: int = 32) -> list[dict[str, Any]]:
         """``[{"label": str, "probs": {label: p}}]``, one per text, read as finetuning read it."""

@@ -107,8 +107,9 @@ class FinetuneConfig(ConfigBase):
 # Encoding examples
 
 
-def encode_prompt(tokenizer, task: Task, text: str, budget: int) -> list[int]:
-    """EOS (the document boundary the model saw in pretraining), then the template with the input cut to fit."""
+def _template_ids(tokenizer, task: Task, budget: int) -> tuple[list[int], list[int], int]:
+    """(ids before {input}, ids after it, tokens of input that fit) for a sequence of ``budget`` tokens
+    that starts with EOS."""
     pre, post = task.prompt_template.split("{input}", 1)
     pre_ids = tokenizer.encode(pre) if pre else []
     post_ids = tokenizer.encode(post) if post else []
@@ -118,32 +119,26 @@ def encode_prompt(tokenizer, task: Task, text: str, budget: int) -> list[int]:
             f"task {task.name!r}: max length {budget} leaves no room for the input after the prompt template; "
             "raise --max-len"
         )
+    return pre_ids, post_ids, room
+
+
+def encode_prompt(tokenizer, task: Task, text: str, budget: int) -> list[int]:
+    """EOS (the document boundary the model saw in pretraining), then the template with the input cut to fit."""
+    pre_ids, post_ids, room = _template_ids(tokenizer, task, budget)
     return [EOS_ID, *pre_ids, *tokenizer.encode(text)[:room], *post_ids]
-
-
-def encode_classification(tokenizer, task: Task, text: str, max_len: int) -> list[int]:
-    """Prompt + a final EOS: the classifier pools there, at the same token for every example."""
-    return [*encode_prompt(tokenizer, task, text, max_len - 1), EOS_ID]
 
 
 def classification_windows(
     tokenizer, task: Task, text: str, max_len: int, windows: int = 1
 ) -> list[list[int]]:
-    """The input cut into up to ``windows`` consecutive pieces, each encoded like ``encode_classification``.
+    """The input cut into up to ``windows`` consecutive pieces, each encoded as EOS + template + piece + EOS.
 
-    One window is the input's start, as ``encode_classification`` gives it. More windows let a model
-    with a short context read a long article whole (a TF-IDF baseline sees every word). A last piece
-    shorter than a quarter window is dropped when there are others: a few words carry little evidence.
+    The classifier pools at the final EOS, the same token for every example. One window is the
+    input's start; more let a model with a short context read a long article whole (a TF-IDF baseline
+    sees every word). A last piece shorter than a quarter window is dropped when there are others: a
+    few words carry little evidence.
     """
-    pre, post = task.prompt_template.split("{input}", 1)
-    pre_ids = tokenizer.encode(pre) if pre else []
-    post_ids = tokenizer.encode(post) if post else []
-    room = max_len - 2 - len(pre_ids) - len(post_ids)  # 2: the leading and the final EOS
-    if room < 1:
-        raise ValueError(
-            f"task {task.name!r}: max length {max_len} leaves no room for the input after the prompt template; "
-            "raise --max-len"
-        )
+    pre_ids, post_ids, room = _template_ids(tokenizer, task, max_len - 1)  # - 1: the final EOS
     ids = tokenizer.encode(text)
     pieces = [ids[i : i + room] for i in range(0, len(ids), room)][:windows] or [[]]
     if len(pieces) > 1 and len(pieces[-1]) < room / 4:
@@ -452,8 +447,7 @@ def finetune(
             ]
         return [encode_completion(tokenizer, task, e, max_len) for e in examples]
 
-    val_data = encode(val_ex)
-    train_data = encode(train_ex)
+    train_data, val_data = encode(train_ex), encode(val_ex)
     if task.kind == "classification":  # every window is a training example with its article's label
         train_data = [(ids, y) for windows, y in train_data for ids in windows]
     class_weights = None

@@ -87,7 +87,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name in names:
         _set_submodule(model, name, model.get_submodule(name).merged())
     return model
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())

@@ -19,7 +19,6 @@ from gpt.finetune import (
     class_log_probs,
     classification_windows,
     completion_loss,
-    encode_classification,
     encode_completion,
     finetune,
     set_trainable,
@@ -155,7 +154,7 @@ def test_classification_windows_read_a_long_input_in_order(keyword_task):
     text = " ".join(f"n{i}" for i in range(60))
     ids, pre, post = tok.encode(text), tok.encode("Topic: "), tok.encode("\n")
     room = 24 - 2 - len(pre) - len(post)
-    assert classification_windows(tok, task, text, 24) == [encode_classification(tok, task, text, 24)]
+    assert classification_windows(tok, task, text, 24) == [[tok.eos_id, *pre, *ids[:room], *post, tok.eos_id]]
     windows = classification_windows(tok, task, text, 24, windows=3)
     assert len(windows) == 3 and len(ids) > 3 * room
     for w in windows:
