@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpt.config import ModelConfig
-from gpt.model import GPT, gelu_tanh, sinusoidal_table
+from gpt.model import GPT, causal_attention_matmul, gelu_tanh, sinusoidal_table
 
 POS = ["learned", "sinusoidal", "rope"]
 
@@ -184,7 +184,8 @@ def test_bf16_autocast_on_cpu_tracks_fp32_and_keeps_the_cache_usable():
 
 
 def test_compiled_model_matches_eager_logits_and_gradients():
-    """torch.compile takes another GELU formula (gpt.model.gelu_tanh); the results must not move."""
+    """Compiled on CPU, the model takes another GELU formula and writes attention out as matmuls
+    (gpt.model.gelu_tanh, causal_attention_matmul); the results must not move."""
     torch.manual_seed(0)
     model = GPT(ModelConfig.preset("tiny", vocab_size=64, n_layer=1, dropout=0.0))
     x = torch.randint(0, 64, (2, 16))
@@ -198,6 +199,31 @@ def test_compiled_model_matches_eager_logits_and_gradients():
     torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_matmul_attention_matches_sdpa_values_and_gradients():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 20, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    y = causal_attention_matmul(*ours)
+    y_ref = torch.nn.functional.scaled_dot_product_attention(*ref, is_causal=True)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=0)
+    (y * y_ref.detach()).sum().backward()
+    (y_ref * y_ref.detach()).sum().backward()
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("pos", POS)
+def test_positions_past_block_size_are_a_clear_error(pos):
+    model = tiny(pos)
+    n = model.config.block_size
+    _, past = model.decode(torch.zeros(1, n - 1, dtype=torch.long))
+    model.decode(torch.zeros(1, 1, dtype=torch.long), past)  # position n - 1: the last one
+    _, past = model.decode(torch.zeros(1, n, dtype=torch.long))
+    with pytest.raises(ValueError, match=f"exceed block_size {n}"):
+        model.decode(torch.zeros(1, 1, dtype=torch.long), past)
 
 
 def test_gelu_tanh_forms_agree():
