@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import gpt.model as gm
 from gpt.config import ModelConfig
 from gpt.model import GPT, causal_attention_matmul, gelu_tanh, sinusoidal_table
 
@@ -231,3 +232,17 @@ def test_gelu_tanh_forms_agree():
     sigmoid_form = x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
     torch.testing.assert_close(gelu_tanh(x), sigmoid_form, atol=1e-12, rtol=0)
     torch.testing.assert_close(torch.compile(gelu_tanh)(x), sigmoid_form, atol=1e-12, rtol=0)
+
+
+def test_gelu_tanh_gradient_compiled_matches_pytorch_gelu():
+    """The compiled form has a hand-written backward (gpt.model._GeluSigmoid); check it against autograd."""
+    x = torch.linspace(-8, 8, 4001, dtype=torch.float64)
+    grad_out = torch.randn(4001, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ref = x.clone().requires_grad_()
+    torch.nn.functional.gelu(ref, approximate="tanh").backward(grad_out)
+    ours = x.clone().requires_grad_()
+    torch.compile(gelu_tanh)(ours).backward(grad_out)
+    torch.testing.assert_close(ours.grad, ref.grad, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(
+        gm._GeluSigmoid.apply, (torch.randn(40, dtype=torch.float64, requires_grad=True),)
+    )
