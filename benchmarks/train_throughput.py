@@ -6,7 +6,7 @@ weights), fused AdamW, gradient clipping. MFU is against matmul peaks measured h
 nanoGPT itself measured ~18.7k tokens/s median on this machine class. Prints one JSON object.
 Each mode runs in its own process: measured here, a compiled bf16 step timed in the same process after
 the fp32 mode ran 25 % slower (24.5k vs 31.9k tokens/s) than in a fresh one. This VM also has slow
-spells of seconds to minutes (every mode ~35 % slower), so each mode runs ``--repeats`` times, the
+spells of seconds to minutes (every mode 20-35 % slower), so each mode runs ``--repeats`` times, the
 modes interleaved, and reports its median run with all runs' tokens/s.
 
     python benchmarks/train_throughput.py                    # all modes
@@ -117,7 +117,7 @@ def bench_mode(
 
 def run_isolated(mode: str, args: argparse.Namespace) -> dict:
     """One mode in a fresh interpreter (same flags); returns its entry of ``modes``."""
-    cmd = [sys.executable, __file__, "--modes", mode, "--data", str(args.data), "--repeats", "1", "--child"]
+    cmd = [sys.executable, __file__, "--modes", mode, "--data", str(args.data), "--child"]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out)["modes"][mode]
@@ -161,14 +161,12 @@ def main() -> None:
         return
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
-    isolate = not args.in_process
     for _ in range(args.repeats):  # round-robin, so that a slow spell of the machine hits every mode
         for mode in args.modes:
-            dtype, compile = MODES[mode]
-            if isolate:
-                runs[mode].append(run_isolated(mode, args))
+            if args.in_process:
+                runs[mode].append(bench_mode(data, config, 12, *MODES[mode], args.steps, args.warmup))
             else:
-                runs[mode].append(bench_mode(data, config, 12, dtype, compile, args.steps, args.warmup))
+                runs[mode].append(run_isolated(mode, args))
     results = {}
     for mode in args.modes:
         dtype, _ = MODES[mode]
