@@ -353,90 +353,20 @@ class OnnxLM(_Bundle):
             )
         return prompts
 
-    def _token_stream(self, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[np.ndarray]:
-        """Yield the next token of every row (B,), step after step, up to max_new_tokens steps.
+    def new_row(self, prompt_ids: Sequence[int], cfg: GenerationConfig, choice: int = 0) -> Row:
+        """One sequence to generate; ``choice`` picks its sampling stream: (cfg.seed, choice)."""
+        prompt = [int(i) for i in prompt_ids] or [self.bos_id]
+        return Row(self, self._check_context([prompt], cfg)[0], cfg, choice)
 
-        Rows are left-padded to a common length; positions count each row's real tokens only, so a
-        row gives the same tokens in a batch as alone.
-        """
-        B, block = len(prompts), self.max_context
-        context = [list(p) for p in prompts]  # every real token of each row
-        pending = [list(p) for p in prompts]  # tokens of each row not yet in the cache
-        cached = np.zeros(B, dtype=np.int64)  # real tokens in the cache, per row
-        rng = np.random.default_rng(cfg.seed)
-        seen = None
-        if cfg.repetition_penalty != 1.0:
-            seen = np.zeros((B, self.vocab_size), dtype=bool)
-            for r, p in enumerate(prompts):
-                seen[r, p] = True
-        past, mask = None, None
-        for _ in range(cfg.max_new_tokens):
-            if past is not None and (cached + 1 > block).any():  # window full: re-read the recent tokens
-                pending = [c[-(block - 1) :] for c in context]
-                past = None
-            if past is None:  # prefill: left-pad the pending tokens
-                T = max(len(p) for p in pending)
-                ids = np.full((B, T), self.pad_id, dtype=np.int64)
-                mask = np.zeros((B, T + cfg.max_new_tokens), dtype=np.int64)
-                for r, p in enumerate(pending):
-                    ids[r, T - len(p) :] = p
-                    mask[r, T - len(p) :] = 1  # steps after the prefill are all real tokens
-                S = T
-                pos = np.maximum(np.cumsum(mask[:, :T], axis=1) - 1, 0)
-                cached[:] = [len(p) for p in pending]
-                logits, past = self._forward(ids, mask[:, :S], pos, self._empty_past(B))
-            else:
-                ids = np.asarray(pending, dtype=np.int64)  # (B, 1)
-                S += 1
-                logits, past = self._forward(ids, mask[:, :S], cached[:, None].copy(), past)
-                cached += 1
-            last = logits[:, -1, :]
-            if self.n_pieces < self.vocab_size:  # ids past the tokenizer's pieces cannot be decoded
-                last = last.copy()
-                last[:, self.n_pieces :] = -np.inf
-            nxt = _pick(last, cfg, rng, seen)
-            if seen is not None:
-                seen[np.arange(B), nxt] = True
-            yield nxt
-            for r in range(B):
-                context[r].append(int(nxt[r]))
-                pending[r] = [int(nxt[r])]
+    def _rows(self, prompt_ids: list[list[int]], cfg: GenerationConfig) -> list[Row]:
+        return [self.new_row(p, cfg, choice=r) for r, p in enumerate(prompt_ids)]
 
-    def _run(
-        self, prompts: list[list[int]], cfg: GenerationConfig
-    ) -> Iterator[tuple[list[str], list[_TextTracker]]]:
-        """Drive the token stream: yields each step's released text pieces (one per row) and the
-        trackers; stops when every row has finished."""
-        prompts = [list(p) if len(p) else [self.bos_id] for p in prompts]
-        prompts = self._check_context(prompts, cfg)
-        stop_ids = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else {self.eos_id})
-        rows = [_TextTracker(self.tokenizer, p, cfg.stop) for p in prompts]
-        outs: list[list[int]] = [[] for _ in prompts]
-        reasons: list[str | None] = [None] * len(prompts)
-        tokens = self._token_stream(prompts, cfg)
-        try:
-            for nxt in tokens:
-                pieces = [""] * len(rows)
-                for r, tok in enumerate(nxt.tolist()):
-                    if reasons[r] is not None:
-                        continue
-                    if tok in stop_ids:
-                        reasons[r] = "stop"
-                        continue
-                    outs[r].append(tok)
-                    pieces[r] = rows[r].push(tok)
-                    if rows[r].stopped:
-                        reasons[r] = "stop"
-                yield pieces, rows
-                if all(x is not None for x in reasons):
-                    break
-        finally:
-            tokens.close()
-        pieces = [row.finish() for row in rows]
-        for r, row in enumerate(rows):
-            row.finish_reason = reasons[r] or "length"
-            row.token_ids = outs[r]
-        yield pieces, rows
+    @staticmethod
+    def _drive(batch: DecodeBatch, rows: list[Row]) -> Iterator[list[tuple[Row, str]]]:
+        """Run ``rows`` in ``batch`` to the end: yields each step's (row, released text) pairs."""
+        yield batch.join(rows)
+        while batch.rows:
+            yield batch.step()
 
     def _config(self, cfg: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
         if cfg is None:
@@ -446,47 +376,26 @@ class OnnxLM(_Bundle):
     def generate_ids(
         self, prompt_ids: list[list[int]], cfg: GenerationConfig | None = None, **kw
     ) -> list[list[int]]:
-        """New token ids per prompt (stop ids dropped); no text assembly."""
+        """New token ids per prompt (stop ids dropped)."""
         cfg = self._config(cfg, kw)
-        prompts = [list(p) if len(p) else [self.bos_id] for p in prompts_of(prompt_ids)]
-        prompts = self._check_context(prompts, cfg)
-        stop_ids = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else {self.eos_id})
-        outs: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        tokens = self._token_stream(prompts, cfg)
-        try:
-            for nxt in tokens:
-                for r, tok in enumerate(nxt.tolist()):
-                    if not done[r]:
-                        if tok in stop_ids:
-                            done[r] = True
-                        else:
-                            outs[r].append(tok)
-                if all(done):
-                    break
-        finally:
-            tokens.close()
-        return outs
+        rows = self._rows(prompts_of(prompt_ids), cfg)
+        for _ in self._drive(DecodeBatch(self), rows):
+            pass
+        return [row.token_ids for row in rows]
 
     def generate(
         self, prompts: str | list[str], cfg: GenerationConfig | None = None, **kw
     ) -> list[Generation]:
-        """Complete each prompt; a batch of different-length prompts runs as one left-padded batch."""
+        """Complete each prompt; the prompts decode as one batch, each row exactly as it would alone
+        (row r of a seeded batch samples from the stream (seed, r))."""
         cfg = self._config(cfg, kw)
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not texts:
             return []
-        *_, (_, rows) = self._run([self._prompt_ids(t) for t in texts], cfg)  # run to the end
-        return [
-            Generation(
-                text=row.final_text,
-                token_ids=row.token_ids,
-                prompt_tokens=row.prompt_tokens,
-                completion_tokens=len(row.token_ids),
-                finish_reason=row.finish_reason,
-            )
-            for row in rows
-        ]
+        rows = self._rows([self._prompt_ids(t) for t in texts], cfg)
+        for _ in self._drive(DecodeBatch(self), rows):
+            pass
+        return [row.result() for row in rows]
 
     def stream(self, prompt: str, cfg: GenerationConfig | None = None, **kw) -> Iterator[str]:
         """Text pieces as they are generated; ''.join(pieces) == generate(prompt)[0].text.
@@ -494,13 +403,11 @@ class OnnxLM(_Bundle):
         Pieces never split a UTF-8 character; stopping the iteration stops the generation.
         """
         cfg = self._config(cfg, kw)
-        run = self._run([self._prompt_ids(prompt)], cfg)
-        try:
-            for pieces, _ in run:
-                if pieces[0]:
-                    yield pieces[0]
-        finally:
-            run.close()
+        row = self.new_row(self._prompt_ids(prompt), cfg)
+        for step in self._drive(DecodeBatch(self), [row]):
+            for _, piece in step:
+                if piece:
+                    yield piece
 
     # Scoring ---------------------------------------------------------------------------------
 
@@ -535,6 +442,213 @@ def prompts_of(prompt_ids: Any) -> list[list[int]]:
     if prompt_ids and not isinstance(prompt_ids[0], list | tuple | np.ndarray):
         return [[int(i) for i in prompt_ids]]
     return [[int(i) for i in p] for p in prompt_ids]
+
+
+# --------------------------------------------------------------------------------------------
+# Rows and the decode batch: OnnxLM.generate runs on them, and so does the server's scheduler
+
+
+class Row:
+    """One sequence being generated: its tokens, sampler, stops and text; the batch holds its cache.
+
+    What it reports comes from the tokens it sampled, never from re-reading its text: ``token_ids``
+    (stop ids dropped), ``finish_reason`` ("stop": EOS, a stop id or a stop string; "length":
+    max_new_tokens; or what ``end`` was given), ``prompt_tokens`` and ``completion_tokens``.
+    """
+
+    def __init__(self, lm: OnnxLM, prompt: list[int], cfg: GenerationConfig, choice: int = 0):
+        self.cfg = cfg
+        self.prompt_tokens = len(prompt)
+        self.context = list(prompt)  # every real token: what the window re-reads when it slides
+        self.pending = list(prompt)  # tokens not yet in the cache: the prompt, then the last sampled one
+        self.cached = 0  # this row's real tokens in the batch cache
+        # A seeded row samples from the stream (seed, choice): choice i of a request is the same
+        # sequence whether it runs alone, in a batch, streamed or not.
+        self.rng = np.random.default_rng(None if cfg.seed is None else [cfg.seed, choice])
+        self.seen = None
+        if cfg.repetition_penalty != 1.0:
+            self.seen = np.zeros((1, lm.vocab_size), dtype=bool)
+            self.seen[0, prompt] = True
+        self.stop_ids = set(cfg.stop_token_ids) | (set() if cfg.ignore_eos else {lm.eos_id})
+        self.tracker = _TextTracker(lm.tokenizer, prompt, cfg.stop)
+        self.token_ids: list[int] = []
+        self.sampled = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def text(self) -> str:
+        return self.tracker.final_text
+
+    def sample(self, logits: np.ndarray) -> int:
+        """The next token from this row's last-position logits (1, V)."""
+        token = int(_pick(logits, self.cfg, self.rng, self.seen)[0])
+        if self.seen is not None:
+            self.seen[0, token] = True
+        return token
+
+    def accept(self, token: int) -> str:
+        """Take the next sampled token; returns the text it releases (with the rest when it ends the row)."""
+        self.sampled += 1
+        piece = ""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        else:
+            self.token_ids.append(token)
+            self.context.append(token)
+            self.pending = [token]
+            piece = self.tracker.push(token)
+            if self.tracker.stopped:
+                self.finish_reason = "stop"
+        if self.finish_reason is None and self.sampled >= self.cfg.max_new_tokens:
+            self.finish_reason = "length"
+        return piece + self.tracker.finish() if self.done else piece
+
+    def end(self, reason: str) -> None:
+        """Stop the row from outside (a cancelled or timed-out request): no more text."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+    def result(self) -> Generation:
+        return Generation(
+            text=self.text,
+            token_ids=self.token_ids,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            finish_reason=self.finish_reason or "length",
+        )
+
+
+def _host(value: Any) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+class DecodeBatch:
+    """Rows that decode together: one session call advances all of them by a token.
+
+    The cache is one left-padded batch: row r's real tokens are the last ``rows[r].cached`` columns
+    (``mask[r]`` is 1 there); positions count a row's own tokens, so a row gives the same tokens here
+    as alone. Rows join between steps (their prompts are prefilled in a call of their own, then
+    merged into the cache) and leave between steps (their cache rows are dropped at once, and the
+    leading columns no remaining row uses with them).
+    """
+
+    def __init__(self, lm: OnnxLM):
+        self.lm = lm
+        self.rows: list[Row] = []
+        self.past: list | None = None  # 2 * n_layer arrays (B, heads, P, head_dim), or OrtValues
+        self.mask = np.zeros((0, 0), dtype=np.int64)  # (B, P)
+        self.calls = 0  # session calls made: prefills and decode steps
+
+    def join(self, rows: list[Row]) -> list[tuple[Row, str]]:
+        """Prefill ``rows`` (one call), sample each one's first token, keep the unfinished ones.
+
+        Returns (row, released text) for every row given; a row that is done already left.
+        """
+        out: list[tuple[Row, str]] = []
+        fresh = []
+        for row in rows:
+            if row.cfg.max_new_tokens == 0:
+                row.finish_reason = "length"
+                out.append((row, ""))
+            else:
+                fresh.append(row)
+        if not fresh:
+            return out
+        lm, n = self.lm, len(fresh)
+        T = max(len(r.pending) for r in fresh)
+        ids = np.full((n, T), lm.pad_id, dtype=np.int64)
+        mask = np.zeros((n, T), dtype=np.int64)
+        for i, r in enumerate(fresh):
+            ids[i, T - len(r.pending) :] = r.pending
+            mask[i, T - len(r.pending) :] = 1
+            r.cached = len(r.pending)
+        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        logits, present = lm._forward(ids, mask, pos, lm._empty_past(n))
+        self.calls += 1
+        out += self._sample(fresh, logits[:, -1, :])
+        keep = [i for i, r in enumerate(fresh) if not r.done]
+        if keep:
+            present = [_host(p) for p in present]
+            if len(keep) < n:
+                present, mask = [p[keep] for p in present], mask[keep]
+            self._merge([fresh[i] for i in keep], present, mask)
+        return out
+
+    def step(self) -> list[tuple[Row, str]]:
+        """One token for every row; rows whose window is full (sliding policy) re-read their recent tokens."""
+        block = self.lm.max_context
+        full = [r for r in self.rows if r.cached + 1 > block]
+        self.drop(full)
+        out: list[tuple[Row, str]] = []
+        if self.rows:
+            B = len(self.rows)
+            ids = np.array([r.pending for r in self.rows], dtype=np.int64)  # (B, 1)
+            mask = np.concatenate([self.mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+            pos = np.array([[r.cached] for r in self.rows], dtype=np.int64)
+            logits, self.past = self.lm._forward(ids, mask, pos, self.past)
+            self.calls += 1
+            self.mask = mask
+            for r in self.rows:
+                r.cached += 1
+            out = self._sample(self.rows, logits[:, -1, :])
+            self.drop([r for r in self.rows if r.done])
+        for r in full:
+            r.pending = r.context[-(block - 1) :]
+        return out + (self.join(full) if full else [])
+
+    def drop(self, rows: list[Row]) -> None:
+        """Remove ``rows`` from the batch now (finished, cancelled or timed out)."""
+        gone = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.past, self.mask = None, np.zeros((0, 0), dtype=np.int64)
+            return
+        mask = self.mask[keep]
+        lead = int(np.argmax(mask.any(axis=0)))  # columns before this one only departed rows used
+        self.mask = mask[:, lead:]
+        self.past = [_host(p)[keep, :, lead:] for p in self.past]  # one copy, C-contiguous
+
+    def _merge(self, rows: list[Row], past: list[np.ndarray], mask: np.ndarray) -> None:
+        if not self.rows:
+            self.rows, self.past, self.mask = list(rows), past, mask
+            return
+        B0, P = self.mask.shape
+        B1, T = mask.shape
+        S = max(P, T)
+        merged = np.zeros((B0 + B1, S), dtype=np.int64)
+        merged[:B0, S - P :], merged[B0:, S - T :] = self.mask, mask
+        tensors = []
+        for a, b in zip(self.past, past, strict=True):
+            a = _host(a)
+            t = np.zeros((B0 + B1, a.shape[1], S, a.shape[3]), dtype=a.dtype)
+            t[:B0, :, S - P :], t[B0:, :, S - T :] = a, b
+            tensors.append(t)
+        self.rows, self.past, self.mask = self.rows + list(rows), tensors, merged
+
+    def _sample(self, rows: list[Row], last: np.ndarray) -> list[tuple[Row, str]]:
+        last = last[:, : self.lm.n_pieces]  # ids past the tokenizer's pieces cannot be decoded
+        greedy = None
+        out = []
+        for i, r in enumerate(rows):
+            if r.cfg.temperature == 0.0 and r.seen is None:
+                if greedy is None:
+                    greedy = last.argmax(axis=-1)
+                token = int(greedy[i])
+            else:
+                token = r.sample(last[i : i + 1])
+            out.append((r, r.accept(token)))
+        return out
 
 
 # --------------------------------------------------------------------------------------------
