@@ -19,8 +19,6 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt.config import ModelConfig
-from gpt.io import atomic_path, atomic_write_json, atomic_write_text, read_json, sha256_file
+from gpt.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, read_json, sha256_file
 from gpt.model import GPT
 from gpt.optim import flatten_optimizer_state, unflatten_optimizer_state
 
@@ -117,28 +115,6 @@ def load_model(
 
 # --------------------------------------------------------------------------------------------
 # Training checkpoints
-
-
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a hidden temp directory beside ``path``; on success it replaces ``path`` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():  # a directory cannot be renamed onto a non-empty one: move the old aside first
-            trash = path.parent / f".{path.name}.old-{os.getpid()}"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(path, trash)
-            os.replace(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_model_dir(
@@ -278,7 +254,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` complete checkpoints, and stale temp dirs of killed runs."""
     root = Path(run_dir) / CHECKPOINTS
+    latest = latest_checkpoint(run_dir)
     removed = list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []
+    removed = [d for d in removed if latest is None or d.resolve() != latest.resolve()]
     for d in removed:
         shutil.rmtree(d, ignore_errors=True)
     if root.is_dir():

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpt.config import ConfigBase, _in_range, _positive
-from gpt.io import MANIFEST, atomic_path, read_manifest, sha256_file, write_manifest
+from gpt.io import MANIFEST, atomic_dir, atomic_path, read_manifest, sha256_file, write_manifest
 from gpt.tokenizer import EOS_ID, MODEL_FILE, Tokenizer
 
 if TYPE_CHECKING:
@@ -126,19 +126,23 @@ def shard_corpus(
     corpus: Corpus | str, tokenizer_path: str | Path, out_dir: str | Path, config: ShardConfig
 ) -> dict[str, Any]:
     """Split, tokenize and shard ``corpus`` into ``out_dir``; return the manifest (written last)."""
-    import datasets
-
-    from gpt.corpora import load_corpus, split_of
+    from gpt.corpora import load_corpus
 
     if isinstance(corpus, str | Path):
         corpus = load_corpus(str(corpus))
     tokenizer = Tokenizer(tokenizer_path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # A stale manifest would vouch for shards this run is about to replace.
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    for old in out_dir.glob("*_[0-9][0-9][0-9][0-9][0-9][0-9].bin"):
-        old.unlink()
+    # Everything is written into a temp sibling that replaces out_dir only when complete: a failed
+    # run (bad corpus, crash) leaves the previous shards and manifest exactly as they were.
+    with atomic_dir(out_dir) as tmp:
+        manifest = _shard_into(corpus, tokenizer, tmp, config)
+    return manifest
+
+
+def _shard_into(corpus: Corpus, tokenizer: Tokenizer, out_dir: Path, config: ShardConfig) -> dict[str, Any]:
+    import datasets
+
+    from gpt.corpora import split_of
+
     dtype = token_dtype(tokenizer.vocab_size)
     t0 = time.perf_counter()
 

@@ -392,8 +392,8 @@ def finetune(
     import torch
     from tqdm.auto import tqdm
 
-    from gpt.checkpoint import load_model, save_model, unwrap
-    from gpt.io import MANIFEST, sha256_file, write_manifest
+    from gpt.checkpoint import load_model, save_model_dir, unwrap
+    from gpt.io import sha256_file, write_manifest
     from gpt.lora import merge_lora
     from gpt.optim import build_optimizer, lr_at, set_lr
     from gpt.tokenizer import MODEL_FILE, Tokenizer
@@ -408,8 +408,7 @@ def finetune(
             f"{checkpoint_dir / MODEL_FILE} not found; finetuning needs a model dir with its tokenizer "
             "(a pretraining run's best/ directory)"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # this run replaces whatever was complete before
+    out_dir.mkdir(parents=True, exist_ok=True)  # an older manifest keeps vouching for the older best/
     tokenizer = Tokenizer(checkpoint_dir / MODEL_FILE)
     torch.manual_seed(config.seed)
 
@@ -575,9 +574,10 @@ def finetune(
     model.eval()
     best_dir = out_dir / "best"
     best_val = max(history, key=lambda r: _score(r, task.kind)) if history else {}
-    save_model(
+    save_model_dir(  # replaced as a whole: a crash never leaves a half-new best/ beside old files
         best_dir,
         model,
+        tokenizer_path=checkpoint_dir / MODEL_FILE,
         tokenizer_hash=tokenizer.hash,
         task=task.name,
         kind=task.kind,
@@ -589,7 +589,6 @@ def finetune(
         prompt_template=task.prompt_template,
         val=best_val,
     )
-    shutil.copyfile(checkpoint_dir / MODEL_FILE, best_dir / MODEL_FILE)
     shutil.rmtree(state_dir, ignore_errors=True)
     result = {
         "task": task.name,

@@ -119,6 +119,16 @@ def test_prune_keeps_the_newest_k_checkpoints(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
 
 
+def test_prune_never_deletes_the_checkpoint_latest_points_to(tmp_path):
+    model, opt = _trained(steps=1)
+    for step in (1, 2, 3, 4):
+        _write(tmp_path, step, model, opt)
+    write_latest(tmp_path, step_dir(tmp_path, 1))  # e.g. pointed back by hand after a bad step
+    removed = prune_checkpoints(tmp_path, keep_last=2)
+    assert step_dir(tmp_path, 1) not in removed and latest_checkpoint(tmp_path) == step_dir(tmp_path, 1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000003", "step-000004"]
+
+
 def test_rng_states_restore_every_generator():
     state = rng_state()
     first = (random.random(), np.random.rand(), torch.rand(1).item())

@@ -145,8 +145,9 @@ def test_directory_without_manifest_is_not_a_shard_directory(tmp_path):
         ShardDataset(tmp_path)
 
 
-def test_interrupted_sharding_leaves_no_manifest(tok, bbc_shards, tmp_path):
+def test_failed_reshard_leaves_previous_shards_and_manifest_intact(tok, bbc_shards, tmp_path):
     out = _copy_shards(bbc_shards[0], tmp_path / "s")  # a finished run is being redone
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def broken(decode):
         yield from (Document(f"document number {i} " * 20) for i in range(500))
@@ -154,8 +155,20 @@ def test_interrupted_sharding_leaves_no_manifest(tok, bbc_shards, tmp_path):
 
     with pytest.raises(OSError, match="disk went away"):
         shard_corpus(Corpus("broken", broken), tok.path, out, ShardConfig(shard_tokens=1000))
-    assert not (out / "manifest.json").exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # scratch/temp files removed
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the good output, byte for byte
+    assert ShardDataset(out, "train").num_tokens > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temp siblings left behind
+
+
+def test_reshard_of_a_bad_corpus_file_keeps_the_earlier_shards(tok, bbc_shards, tmp_path):
+    out = _copy_shards(bbc_shards[0], tmp_path / "s")
+    manifest = (out / "manifest.json").read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text column here"}\n')
+    with pytest.raises(ValueError, match="no 'text' column"):
+        shard_corpus(str(bad), tok.path, out, ShardConfig())
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert ShardDataset(out, "train").num_tokens > 0
 
 
 def test_empty_corpus_is_a_clear_error(tok, tmp_path):
