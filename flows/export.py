@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
+from typing import Annotated
 
 import mlflow
 from prefect import flow
+from pydantic import Field
 
 from flows.caching import is_complete
 from flows.common import quiet_defaults, run_stage, stage_task
-from flows.tracking import (
-    LM_MODEL_NAME,
-    configure,
-    flat_params,
-    log_bundle_model,
-    log_dir,
-    numeric,
-    stage_run,
-)
+from flows.promotion import DEFAULT_MIN_IMPROVEMENT, lm_eval_set, task_eval_set
+from flows.registry import register_candidate
+from flows.tracking import LM_MODEL_NAME, configure, flat_params, log_dir, numeric, stage_run
 from gpt.corpora import load_corpus
 from gpt.export import ExportConfig, export_bundle
 from gpt.io import read_manifest, write_manifest
@@ -27,25 +25,17 @@ from gpt.io import read_manifest, write_manifest
 def export_task(
     checkpoint: str,
     config: dict,
-    registered_name: str,
-    metric: str,
-    value: float | None,
-    lower_is_better: bool,
     out_dir: str,
     eval_corpus: str | None = None,
     parent_run_id: str | None = None,
 ) -> dict:
-    """Export ``checkpoint`` (a model dir), then register the bundle as ``registered_name``.
-
-    ``value`` of ``metric`` decides the promotion (see flows.tracking.promote). With int8
-    quantization, ``eval_corpus``'s held-out test documents measure its bits-per-byte cost.
-    """
+    """Export ``checkpoint`` (a model dir) to a verified ONNX bundle. With int8 quantization,
+    ``eval_corpus``'s held-out test documents measure its bits-per-byte cost. Registration is not
+    part of this cached stage: it depends on the registry's state (see flows.registry)."""
     cfg = ExportConfig.from_dict(config)
     out = Path(out_dir)
     bundle = out / "bundle"
-    with stage_run(
-        f"export:{registered_name}", parent_run_id, {"checkpoint": checkpoint, **flat_params(export=cfg)}
-    ):
+    with stage_run("export", parent_run_id, {"checkpoint": checkpoint, **flat_params(export=cfg)}):
         if not is_complete(out):
             eval_text = held_out_text(eval_corpus) if eval_corpus and cfg.quantize != "none" else None
             result = export_bundle(Path(checkpoint), bundle, cfg, eval_text=eval_text)
@@ -54,14 +44,14 @@ def export_task(
         mlflow.log_metrics(numeric(result.get("parity", {}), "parity."))
         mlflow.log_metric("onnx_size_bytes", float(result.get("size_bytes", 0)))
         mlflow.log_metrics(numeric(result.get("quality_cost_int8", {}), "int8."))
-        if result.get("bundle_int8"):
+        if result.get("bundle_int8"):  # the fp32 bundle goes to MLflow inside its registered model
             log_dir(result["bundle_int8"], "onnx_bundle_int8")
-        decision = None
-        if value is None:
-            log_dir(bundle, "onnx_bundle")
-        else:  # the pyfunc model carries the bundle itself: no second copy
-            decision = log_bundle_model(bundle, registered_name, metric, float(value), lower_is_better)
-    return {"dir": str(out), "bundle": str(bundle), "parity": result.get("parity", {}), "promotion": decision}
+    return {
+        "dir": str(out),
+        "bundle": str(bundle),
+        "build": out.name,  # the stage fingerprint: what a registry version was built from
+        "parity": result.get("parity", {}),
+    }
 
 
 def held_out_text(corpus: str, max_chars: int = 100_000) -> str:
@@ -73,25 +63,30 @@ def held_out_text(corpus: str, max_chars: int = 100_000) -> str:
 @flow(name="export", log_prints=True)
 def export_flow(
     checkpoint: str,
+    eval_data: str,
     registered_name: str = LM_MODEL_NAME,
-    metric: str = "val_bpb",
-    value: float | None = None,
-    lower_is_better: bool = True,
+    min_improvement: Annotated[float, Field(ge=0)] = DEFAULT_MIN_IMPROVEMENT,
     quantize: bool = False,
     workdir: str = "artifacts",
     mlruns: str = "mlruns",
 ) -> dict:
-    """Export a model dir to ONNX (parity-checked); register it when ``value`` is given."""
+    """Export a model dir to ONNX (parity-checked) and register it; it becomes ``champion`` only if it
+    beats the champion on ``eval_data`` (LM: a corpus's held-out documents; classifier: a task's test
+    split), both scored here on the same items."""
     quiet_defaults()
     configure(mlruns)
     cfg = ExportConfig(quantize="int8" if quantize else "none")
-    return run_stage(
-        export_task,
-        checkpoint=checkpoint,
-        config=cfg.to_dict(),
-        registered_name=registered_name,
-        metric=metric,
-        value=value,
-        lower_is_better=lower_is_better,
-        workdir=workdir,
-    )
+    with mlflow.start_run(run_name=f"export-{registered_name}") as run:
+        out = run_stage(
+            export_task,
+            checkpoint=checkpoint,
+            config=cfg.to_dict(),
+            workdir=workdir,
+            parent_run_id=run.info.run_id,
+        )
+        kind = json.loads((Path(out["bundle"]) / "config.json").read_text()).get("kind", "lm")
+        make_eval_set = functools.partial(lm_eval_set if kind == "lm" else task_eval_set, eval_data)
+        out["promotion"] = register_candidate(
+            out["bundle"], registered_name, out["build"], make_eval_set, min_improvement, run.info.run_id
+        )
+    return out

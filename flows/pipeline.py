@@ -6,6 +6,8 @@ pipeline run, a nested run per stage that actually ran; a markdown report artifa
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,11 +17,24 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
+from flows.caching import data_fingerprint, pin_corpus
 from flows.common import call_stage, quiet_defaults
 from flows.evaluate import evaluate_task
 from flows.export import export_task
 from flows.finetune import finetune_task
 from flows.pretrain import pretrain_task
+from flows.promotion import DEFAULT_MIN_IMPROVEMENT, lm_eval_set, task_eval_set
+from flows.registry import (
+    SCRATCH,
+    TAG_CKPT,
+    TAG_CKPT_SHA,
+    TAG_DATA,
+    TAG_PARENT,
+    TAG_PARENT_SHA,
+    Parent,
+    register_candidate,
+    resolve_init,
+)
 from flows.shard import shard_task
 from flows.tokenizer import tokenizer_task
 from flows.tracking import LM_MODEL_NAME, configure, flat_params, numeric
@@ -27,9 +42,13 @@ from gpt.config import ModelConfig
 from gpt.data import ShardConfig
 from gpt.export import ExportConfig
 from gpt.finetune import FinetuneConfig
+from gpt.io import sha256_file
 from gpt.tasks import get_task
+from gpt.tokenizer import MODEL_FILE as TOKENIZER_FILE
 from gpt.tokenizer import TokenizerConfig
 from gpt.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ["bbc-topic", "bbc-headline", "qa"]
 REPORT_KEY = "gptflow-report"
@@ -45,13 +64,23 @@ def pipeline(
     pretrain_max_time: Annotated[float, Field(ge=0)] | None = None,
     finetune_epochs: Annotated[int, Field(gt=0)] | None = None,
     quantize: bool = False,
+    init_from: str = SCRATCH,
+    fresh_tokenizer: bool = False,
+    min_improvement: Annotated[float, Field(ge=0)] = DEFAULT_MIN_IMPROVEMENT,
     workdir: str = "artifacts",
     mlruns: str = "mlruns",
 ) -> dict[str, Any]:
-    """Train, finetune, evaluate and export a GPT on ``corpus``; register the ONNX models in MLflow."""
+    """Train, finetune, evaluate and export a GPT on ``corpus``; register the ONNX models in MLflow.
+
+    ``init_from``: ``scratch``, a model directory, or ``models:/NAME@ALIAS`` (a warm start keeps the
+    parent's tokenizer unless ``fresh_tokenizer``). A new version becomes ``champion`` only if it
+    beats the champion by ``min_improvement`` on the same held-out data, scored in this run.
+    """
     quiet_defaults()
     configure(mlruns)
     t0 = time.perf_counter()
+    corpus = pin_corpus(corpus)
+    data_fp = data_fingerprint(corpus)
     model_cfg = ModelConfig.preset(preset)
     tok_cfg = TokenizerConfig(vocab_size=vocab_size or model_cfg.vocab_size)
     shard_cfg = ShardConfig()
@@ -61,7 +90,7 @@ def pipeline(
     task_objs = [get_task(t) for t in tasks]  # fail now, before hours of training, on an unknown task
     states: dict[str, str] = {}
     timings: dict[str, float] = {}
-    results: dict[str, Any] = {"tasks": {}}
+    results: dict[str, Any] = {"tasks": {}, "registry": {}}
 
     with mlflow.start_run(run_name=f"pipeline-{preset}") as run:
         parent_id = run.info.run_id
@@ -73,14 +102,24 @@ def pipeline(
             states[label], timings[label] = state, round(time.perf_counter() - t, 2)
             return result
 
+        parent = warm_start(init_from, fresh_tokenizer, data_fp, workdir)
+        lineage = parent.lineage() if parent else {"init_from": SCRATCH}
+        results["parent"] = lineage
         mlflow.set_tag("gptflow.stage", "pipeline")
         mlflow.log_params(
-            {"preset": preset, "corpus": corpus, "tasks": ",".join(tasks)}
+            {"preset": preset, "corpus": corpus, "tasks": ",".join(tasks), "data_fingerprint": data_fp}
             | flat_params(
                 model=model_cfg, tokenizer=tok_cfg, shard=shard_cfg, train=train_cfg, export=export_cfg
             )
+            | flat_params(parent=lineage)
         )
-        tok = stage("tokenizer", tokenizer_task, corpus=corpus, config=tok_cfg.to_dict())
+        tok = stage(
+            "tokenizer",
+            tokenizer_task,
+            corpus=None if parent else corpus,
+            config=tok_cfg.to_dict(),
+            inherit=str(parent.model_dir / TOKENIZER_FILE) if parent else None,
+        )
         shards = stage("shard", shard_task, corpus=corpus, tokenizer=tok["model"], config=shard_cfg.to_dict())
         pre = stage(
             "pretrain",
@@ -88,6 +127,8 @@ def pipeline(
             model=model_cfg.to_dict(),
             train_config=train_cfg.to_dict(),
             data=shards["dir"],
+            init_from=str(parent.model_dir) if parent else None,
+            lineage=lineage,
         )
         results["pretrain"] = pre
         results["export_lm"] = stage(
@@ -95,11 +136,23 @@ def pipeline(
             export_task,
             checkpoint=pre["best"],
             config=export_cfg.to_dict(),
-            registered_name=LM_MODEL_NAME,
-            metric="val_bpb",
-            value=pre["val_bpb"],
-            lower_is_better=True,
             eval_corpus=corpus if quantize else None,
+        )
+        lm_tags = {
+            TAG_DATA: data_fp,
+            TAG_PARENT: lineage["init_from"],
+            TAG_PARENT_SHA: lineage.get("sha256"),
+            TAG_CKPT: pre["checkpoint_uri"],
+            TAG_CKPT_SHA: sha256_file(Path(pre["best"]) / "model.safetensors"),
+        }
+        results["registry"][LM_MODEL_NAME] = register_candidate(
+            results["export_lm"]["bundle"],
+            LM_MODEL_NAME,
+            results["export_lm"]["build"],
+            functools.partial(lm_eval_set, corpus),
+            min_improvement,
+            parent_id,
+            tags=lm_tags,
         )
         for spec, task in zip(tasks, task_objs, strict=True):
             ft_cfg = FinetuneConfig.for_task(task, **({"epochs": finetune_epochs} if finetune_epochs else {}))
@@ -118,18 +171,19 @@ def pipeline(
                 pretrained=pre["best"],
             )
             entry: dict[str, Any] = {"finetune": ft, "evaluate": ev}
-            metric = task.primary_metric
-            value = _metric_value(ev["metrics"], metric)
-            if task.kind == "classification" and value is not None:
+            if task.kind == "classification":
+                name = f"gptflow-{task.name}"
                 entry["export"] = stage(
-                    f"export:{task.name}",
-                    export_task,
-                    checkpoint=ft["best"],
-                    config=export_cfg.to_dict(),
-                    registered_name=f"gptflow-{task.name}",
-                    metric=metric,
-                    value=value,
-                    lower_is_better=False,
+                    f"export:{task.name}", export_task, checkpoint=ft["best"], config=export_cfg.to_dict()
+                )
+                results["registry"][name] = register_candidate(
+                    entry["export"]["bundle"],
+                    name,
+                    entry["export"]["build"],
+                    functools.partial(task_eval_set, spec),
+                    min_improvement,
+                    parent_id,
+                    tags={TAG_DATA: data_fingerprint(spec), TAG_PARENT: lineage["init_from"]},
                 )
             results["tasks"][task.name] = entry
         mlflow.log_metrics(_summary_metrics(results))
@@ -148,9 +202,25 @@ def pipeline(
     }
 
 
-def _metric_value(report: dict[str, Any], name: str) -> float | None:
-    value = report.get("metrics", {}).get(name)
-    return float(value) if isinstance(value, int | float) else None
+def warm_start(init_from: str, fresh_tokenizer: bool, data_fp: str, workdir: str) -> Parent | None:
+    """The parent to start from. A registry parent that was itself trained on exactly this data is
+    not trained again: its own run is replayed (same parent, same data), so every stage is cached and
+    nothing new is registered, whether or not that run's candidate was promoted."""
+    if fresh_tokenizer:
+        if init_from != SCRATCH:
+            log.warning("--fresh-tokenizer: new vocabulary, new weights; ignoring init_from=%s", init_from)
+        return None
+    parent = resolve_init(init_from, workdir)
+    if parent is not None and parent.version is not None and parent.data_fingerprint == data_fp:
+        log.info(
+            "%s was trained on this very data (fingerprint %s): nothing new to learn; replaying its run "
+            "(from %s)",
+            parent.ref,
+            data_fp,
+            parent.parent_ref or SCRATCH,
+        )
+        return resolve_init(parent.parent_ref or SCRATCH, workdir)
+    return parent
 
 
 def _summary_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -169,33 +239,37 @@ def render_report(preset, corpus, results, states, timings, total, run_id, workd
         f"# gptflow pipeline — preset `{preset}` on `{corpus}`",
         "",
         f"MLflow parent run: `{run_id}` · workdir: `{Path(workdir).resolve()}` · total {total:.1f} s",
+        f"Started from: `{results['parent']['init_from']}`",
         "",
         "## Language model",
         "",
         f"- val bits per byte: **{_fmt(results['pretrain'].get('val_bpb'))}**",
         f"- checkpoint: `{results['pretrain']['best']}`",
         f"- ONNX bundle: `{results['export_lm']['bundle']}`",
-    ]
-    promo = results["export_lm"].get("promotion")
-    if promo:
-        lines.append(
-            f"- registered `{promo['model']}` v{promo['version']} as **{promo['alias']}** "
-            f"(val_bpb {_fmt(promo['candidate'])} vs champion {_fmt(promo['champion_before'])})"
-        )
-    lines += [
         "",
-        "## Tasks: model vs baseline",
+        "## Tasks: model vs baselines (test split)",
         "",
-        "| task | metric | model | baseline |",
+        "| task | metric | model | baselines |",
         "|---|---|---|---|",
     ]
     for name, entry in results["tasks"].items():
-        metrics = entry["evaluate"]["metrics"]
-        model = metrics.get("model", {})
-        baseline = metrics.get("baseline", {})
-        for key, value in model.items():
-            if isinstance(value, int | float):
-                lines.append(f"| {name} | {key} | {_fmt(value)} | {_fmt(baseline.get(key))} |")
+        report = entry["evaluate"]["metrics"]
+        metric = report.get("primary_metric")
+        baselines = ", ".join(f"{b} {_fmt(v.get(metric))}" for b, v in report.get("baselines", {}).items())
+        lines.append(f"| {name} | {metric} | {_fmt(report.get('metrics', {}).get(metric))} | {baselines} |")
+    lines += ["", "## Registry: candidate vs champion on the same data", ""]
+    lines += [
+        "| model | version | decision | metric | candidate | champion | eval set |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, d in results["registry"].items():
+        if not d.get("registered"):
+            lines.append(f"| {name} | v{d['version']} | already registered | | | | |")
+            continue
+        lines.append(
+            f"| {name} | v{d['version']} | {d['decision']} → **{d['alias']}** | {d['metric']} | "
+            f"{_fmt(d['candidate'])} | {_fmt(d['champion_before'])} | `{d['eval_set_sha256'][:12]}` |"
+        )
     lines += ["", "## Stages", "", "| stage | state | seconds |", "|---|---|---|"]
     lines += [f"| {k} | {states[k]} | {timings[k]:.1f} |" for k in states]
     return "\n".join(lines) + "\n"

@@ -28,14 +28,28 @@ from gpt.train_config import TrainConfig
 
 @stage_task("pretrain", retries=1)
 def pretrain_task(
-    model: dict, train_config: dict, data: str, out_dir: str, parent_run_id: str | None = None
+    model: dict,
+    train_config: dict,
+    data: str,
+    out_dir: str,
+    init_from: str | None = None,
+    lineage: dict | None = None,
+    parent_run_id: str | None = None,
 ) -> dict:
+    """Pretrain on ``data``, from random weights or from the model directory ``init_from`` (a warm
+    start: new warmup + cosine schedule over this run's steps). ``lineage`` says what that parent is
+    (registry version, sha256); it is recorded, not hashed: the weights themselves are the input."""
     model_cfg, train_cfg = ModelConfig.from_dict(model), TrainConfig.from_dict(train_config)
     out = Path(out_dir)
-    with stage_run("pretrain", parent_run_id, flat_params(model=model_cfg, train=train_cfg)):
+    params = flat_params(model=model_cfg, train=train_cfg) | flat_params(
+        parent=lineage or {"init_from": "scratch"}
+    )
+    with stage_run("pretrain", parent_run_id, params) as run_id:
         if not is_complete(out):
             # A retry, or a re-run after a crash, continues from the last checkpoint in `out`.
-            train(model_cfg, train_cfg, data, out, resume=True, callbacks=MlflowCallbacks())
+            train(
+                model_cfg, train_cfg, data, out, resume=True, callbacks=MlflowCallbacks(), init_from=init_from
+            )
         summary = read_manifest(out)["metrics"]
         mlflow.log_metrics(numeric(summary))
         if (out / "metrics.jsonl").is_file():
@@ -45,6 +59,7 @@ def pretrain_task(
     return {
         "dir": str(out),
         "best": str(best),
+        "checkpoint_uri": f"runs:/{run_id}/checkpoint",  # what a registry version links back to
         "val_bpb": summary.get("best_val_bpb"),
         "summary": numeric(summary),
     }

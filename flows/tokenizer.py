@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,25 +14,39 @@ from flows.caching import is_complete
 from flows.common import quiet_defaults, run_stage, stage_task
 from flows.tracking import configure, flat_params, numeric, stage_run
 from gpt.corpora import load_corpus
-from gpt.io import read_manifest
-from gpt.tokenizer import Tokenizer, TokenizerConfig
+from gpt.io import atomic_dir, read_manifest, write_manifest
+from gpt.tokenizer import MODEL_FILE, Tokenizer, TokenizerConfig
 
 
 @stage_task("tokenizer", retries=1)
-def tokenizer_task(corpus: str, config: dict, out_dir: str, parent_run_id: str | None = None) -> dict:
+def tokenizer_task(
+    corpus: str | None,
+    config: dict,
+    out_dir: str,
+    inherit: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
+    """Train a tokenizer on ``corpus``'s train split, or keep the one at ``inherit`` (a warm start's:
+    its weights only make sense with that vocabulary)."""
     cfg = TokenizerConfig.from_dict(config)
     out = Path(out_dir)
-    with stage_run("tokenizer", parent_run_id, {"corpus": corpus, **flat_params(tokenizer=cfg)}):
-        if not is_complete(out):
+    params = {"corpus": corpus, "inherit": inherit, **flat_params(tokenizer=cfg)}
+    with stage_run("tokenizer", parent_run_id, params):
+        if not is_complete(out) and inherit:
+            with atomic_dir(out) as tmp:
+                shutil.copyfile(inherit, tmp / MODEL_FILE)
+                tok = Tokenizer(tmp / MODEL_FILE)
+                write_manifest(tmp, stage="tokenizer", inherited_from=inherit, sha256=tok.hash)
+        elif not is_complete(out):
             texts = (doc.text for doc in load_corpus(corpus).documents("train"))
             Tokenizer.train(texts, out, cfg, source=corpus)
         manifest = read_manifest(out)
         mlflow.log_metrics(numeric(manifest.get("metrics", manifest.get("stats", {}))))
-        mlflow.log_artifact(str(out / "tokenizer.model"), artifact_path="tokenizer")
-    tok = Tokenizer(out / "tokenizer.model")
+        mlflow.log_artifact(str(out / MODEL_FILE), artifact_path="tokenizer")
+    tok = Tokenizer(out / MODEL_FILE)
     return {
         "dir": str(out),
-        "model": str(out / "tokenizer.model"),
+        "model": str(out / MODEL_FILE),
         "hash": tok.hash,
         "vocab_size": tok.vocab_size,
     }

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from gpt.train import Callbacks
 
@@ -28,7 +26,7 @@ LM_MODEL_NAME = "gptflow-lm"
 
 
 def configure(mlruns: str | Path = "mlruns", experiment: str = EXPERIMENT) -> str:
-    """Point MLflow at the store and make sure the experiment exists; returns the experiment id."""
+    """Point MLflow at the store and make the experiment the active one; returns its id."""
     mlruns = Path(mlruns).resolve()
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         mlruns.mkdir(parents=True, exist_ok=True)
@@ -36,8 +34,8 @@ def configure(mlruns: str | Path = "mlruns", experiment: str = EXPERIMENT) -> st
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         location = (mlruns / "artifacts").as_uri() if not os.environ.get("MLFLOW_TRACKING_URI") else None
-        return mlflow.create_experiment(experiment, artifact_location=location)
-    return exp.experiment_id
+        mlflow.create_experiment(experiment, artifact_location=location)
+    return mlflow.set_experiment(experiment).experiment_id  # runs land here, not in "Default"
 
 
 def flat_params(**configs: Any) -> dict[str, Any]:
@@ -123,13 +121,10 @@ def log_loss_curve(metrics_jsonl: str | Path, name: str = "loss_curve.png") -> N
     plt.close(fig)
 
 
-def log_bundle_model(
-    bundle_dir: str | Path, registered_name: str, metric: str, value: float, lower_is_better: bool
-):
-    """Log the ONNX bundle as a pyfunc model (torch-free runtime), register it, and promote it.
+def log_bundle_model(bundle_dir: str | Path, registered_name: str) -> int:
+    """Log the ONNX bundle as a pyfunc model (torch-free runtime) and register it; returns the version.
 
-    The new version becomes ``champion`` only if it beats the current champion on ``metric``;
-    otherwise it is the ``challenger``. The decision and both numbers are version tags.
+    Which alias the version gets is decided by flows.registry, after a fair comparison.
     """
     from mlflow.models import infer_signature
 
@@ -148,36 +143,4 @@ def log_bundle_model(
         pip_requirements=["onnxruntime", "sentencepiece", "numpy", "pandas"],
         signature=signature,
     )
-    return promote(info.model_uri, registered_name, metric, value, lower_is_better)
-
-
-def promote(model_uri: str, name: str, metric: str, value: float, lower_is_better: bool) -> dict[str, Any]:
-    client = MlflowClient()
-    version = mlflow.register_model(model_uri, name).version
-    client.set_model_version_tag(name, version, metric, str(value))
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        champion = None
-    champion_value = (
-        float(champion.tags[metric]) if champion is not None and metric in champion.tags else None
-    )
-    if champion_value is None or not math.isfinite(champion_value):
-        better = True
-    else:
-        better = value < champion_value if lower_is_better else value > champion_value
-    alias = "champion" if better else "challenger"
-    client.set_registered_model_alias(name, alias, version)
-    decision = {
-        "model": name,
-        "version": int(version),
-        "alias": alias,
-        "metric": metric,
-        "candidate": value,
-        "champion_before": champion_value,
-        "champion_version_before": int(champion.version) if champion is not None else None,
-    }
-    for k, v in decision.items():
-        client.set_model_version_tag(name, version, f"promotion.{k}", str(v))
-    log.info("%s v%s -> %s (%s %.4f vs champion %s)", name, version, alias, metric, value, champion_value)
-    return decision
+    return int(mlflow.register_model(info.model_uri, registered_name).version)

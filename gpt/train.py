@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from gpt.checkpoint import (
     TOKENIZER,
+    WEIGHTS,
     latest_checkpoint,
     list_checkpoints,
     load_model,
@@ -622,6 +623,7 @@ def _train(
                 "data_manifest_sha256": sha256_file(data_dir / MANIFEST),
                 "tokenizer_hash": tokenizer.hash,
                 "init_from": str(init_from) if init_from else None,
+                "init_sha256": sha256_file(Path(init_from) / WEIGHTS) if init_from else None,
             },
             outputs={k: v for k, v in summary["paths"].items() if k != "out_dir"},
             metrics={k: v for k, v in summary.items() if k != "paths"},

@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tasks",
         nargs="*",
         default=None,
-        help="built-in task names or CSV/JSONL task files (default: bbc-topic bbc-headline qa)",
+        help="built-in task names or CSV/JSONL task files (default: bbc-topic bbc-headline qa; "
+        "--tasks alone: the language model only)",
     )
     p.add_argument(
         "--vocab-size", type=int, default=None, help="tokenizer vocabulary (default: the preset's)"
@@ -32,6 +33,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--finetune-epochs", type=int, default=None, help="override every task's finetuning epochs"
     )
     p.add_argument("--quantize", action="store_true", help="also export int8 bundles (quality cost measured)")
+    p.add_argument(
+        "--init-from",
+        default="scratch",
+        help="start pretraining from: scratch (default), a model directory, or models:/NAME@ALIAS "
+        "(e.g. models:/gptflow-lm@champion; scratch when it does not exist yet)",
+    )
+    p.add_argument(
+        "--fresh-tokenizer",
+        action="store_true",
+        help="train a new tokenizer even when warm-starting (then the weights start from scratch too)",
+    )
+    p.add_argument(
+        "--min-improvement",
+        type=float,
+        default=None,
+        help="how much a new version must beat the champion by, on the same held-out data, to be "
+        "promoted (metric units: bits per byte for the LM, accuracy for classifiers; default 0.001)",
+    )
     p.add_argument("--workdir", default="artifacts", help="where stage outputs go (default: ./artifacts)")
     p.add_argument(
         "--mlruns", default="mlruns", help="local MLflow store (ignored if MLFLOW_TRACKING_URI is set)"
@@ -48,12 +67,15 @@ def run(args: argparse.Namespace) -> int:
     result = pipeline(
         preset=args.preset,
         corpus=args.corpus,
-        tasks=args.tasks or DEFAULT_TASKS,
+        tasks=DEFAULT_TASKS if args.tasks is None else args.tasks,
         vocab_size=args.vocab_size,
         pretrain_steps=args.pretrain_steps,
         pretrain_max_time=args.pretrain_max_time,
         finetune_epochs=args.finetune_epochs,
         quantize=args.quantize,
+        init_from=args.init_from,
+        fresh_tokenizer=args.fresh_tokenizer,
+        **({"min_improvement": args.min_improvement} if args.min_improvement is not None else {}),
         workdir=args.workdir,
         mlruns=args.mlruns,
     )
@@ -62,6 +84,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         for stage, state in result["states"].items():
             print(f"{stage:28s} {state:10s} {result['timings_s'][stage]:8.1f} s")
+        for name, d in result["results"]["registry"].items():
+            if d.get("registered"):
+                print(
+                    f"{name}: v{d['version']} {d['decision']} -> {d['alias']} ({d['metric']} "
+                    f"{d['candidate']:.4f} vs champion {d['champion_before']} on the same {d['eval_items']} items)"
+                )
+            else:
+                print(f"{name}: already registered as v{d['version']}; nothing new")
         print(
             f"total {result['total_s']:.1f} s · MLflow run {result['run_id']} · outputs in {result['workdir']}"
         )
