@@ -4,19 +4,30 @@ Endpoints: ``POST /v1/completions`` (plain and server-sent-event streaming), ``G
 ``POST /v1/classify`` (classifier bundles), ``GET /health``.
 
 Behaviour under load and bad input:
-- Model calls run on a bounded pool of worker threads sharing one ONNX Runtime session per model.
-  At most ``workers + queue_size`` requests are admitted; the next one gets 503 with ``Retry-After``.
+- The language model runs under a continuous-batching scheduler (``deploy/scheduler.py``): one
+  thread owns its ONNX Runtime session and advances every active sequence (up to ``max_active``)
+  by one token per step; a new request's prompt joins at the next step, finished ones leave at once.
+  Up to ``queue_size`` requests wait for a slot; the next one gets 503 with ``Retry-After``.
+  Classifier calls run on a small worker pool with the same kind of bound.
 - Each request has ``timeout_s`` from arrival (queueing included). A plain request that runs out of
-  time gets 504 (a request still queued is dropped, one already running finishes in the background
-  and holds its worker until then); a stream that runs out of time stops generating and ends with an
-  error event, which the openai SDK raises as ``APIError``.
-- A streaming client that disconnects stops its generation at the next token.
+  time gets 504 and its rows leave the batch at the next step; a stream that runs out of time ends
+  with an error event, which the openai SDK raises as ``APIError``. A client that disconnects
+  (streamed or not) frees its rows at the next step.
+- ``usage`` and ``finish_reason`` come from the tokens the scheduler sampled, streamed or not.
+  Choice i of a seeded request samples from the stream (seed, i): the same text streamed or not.
+- Prompts are checked for size in bytes before they are tokenized, and tokenized off the event loop.
 - Every field is validated; bad requests get 4xx with an OpenAI-style body
-  ``{"error": {"message", "type", "param", "code"}}``, never 5xx. Bodies above ``max_body_bytes`` get 413.
+  ``{"error": {"message", "type", "param", "code"}}``, never 5xx. Bodies above ``max_body_bytes`` get
+  413, bodies that do not arrive within ``body_timeout_s`` 408. A loopback bind accepts only loopback
+  Host headers (DNS rebinding); ``/docs`` and ``/openapi.json`` exist only with ``docs``.
 - Sampling defaults follow OpenAI (temperature 1, top_p 1, max_tokens 16); temperature 0 is greedy.
-  ``top_k`` and ``repetition_penalty`` are accepted as extensions. OpenAI fields this server does
-  not implement (``echo``, ``logprobs``, ``best_of``, penalties, ``logit_bias``, ``suffix``) are
-  accepted only at their neutral values; unknown fields are rejected.
+  ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are accepted as extensions (vLLM's names).
+  OpenAI fields this server does not implement (``echo``, ``logprobs``, ``best_of``, penalties,
+  ``logit_bias``, ``suffix``) are accepted only at their neutral values; unknown fields are rejected.
+- ``/health`` answers ``{"status": "ok"}`` to anyone; the served version and scheduler figures
+  only with the API key (or when none is configured). ``/v1/models`` and each completion's
+  ``system_fingerprint`` name the model version served (it changes when a followed registry alias
+  moves: ``swap_language_model``).
 """
 
 from __future__ import annotations
@@ -41,9 +52,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from deploy.runtime import GenerationConfig, load_bundle
+from deploy.scheduler import Closed, Job, Overloaded, Scheduler
 from deploy.server_config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -51,7 +65,7 @@ log = logging.getLogger(__name__)
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
 MAX_STOP_CHARS = 256
 SEED_MAX = 2**63 - 1
-
+STALL_GRACE_S = 5.0  # past its deadline, a request stops waiting for a scheduler that stopped answering
 
 # --------------------------------------------------------------------------------------------
 # Errors
@@ -85,6 +99,7 @@ _STATUS_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     503: "server_busy",
     504: "timeout",
@@ -132,13 +147,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 class BodyLimit:
-    """ASGI middleware: buffer the request body up to ``max_bytes`` (413 beyond), then replay it.
+    """ASGI middleware: buffer the request body up to ``max_bytes`` (413 beyond) within ``timeout_s``
+    (408 after), then replay it.
 
-    After the body is replayed, ``receive`` passes through so streaming responses still see disconnects.
+    After the body is replayed, ``receive`` passes through so handlers still see disconnects.
     """
 
-    def __init__(self, app: Callable, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Callable, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -150,8 +166,16 @@ class BodyLimit:
                 await too_large.response()(scope, receive, send)
                 return
         chunks, size = [], 0
+        give_up = time.monotonic() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, give_up - time.monotonic()))
+            except (asyncio.TimeoutError, TimeoutError):
+                slow = APIError(
+                    408, f"request body not received within {self.timeout_s:g} s", code="body_timeout"
+                )
+                await slow.response()(scope, receive, send)
+                return
             if message["type"] != "http.request":  # client went away before sending the body
                 return
             chunks.append(message.get("body", b""))
@@ -170,14 +194,12 @@ class BodyLimit:
 
 
 # --------------------------------------------------------------------------------------------
-# Worker pool
-
-
-class Overloaded(Exception):
-    pass
+# Classifier worker pool
 
 
 class WorkerPool:
+    """A thread pool that admits at most ``workers + queue_size`` jobs; the next ``submit`` raises Overloaded."""
+
     """A thread pool that admits at most ``workers + queue_size`` jobs; the next ``submit`` raises Overloaded."""
 
     def __init__(self, workers: int, queue_size: int):
@@ -268,6 +290,7 @@ class CompletionRequest(BaseModel):
     # Extensions (vLLM spells them the same way).
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+    ignore_eos: bool | None = None
     # OpenAI fields accepted only at their neutral values.
     echo: bool | None = None
     logprobs: int | None = None
@@ -304,24 +327,48 @@ class ClassifyRequest(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------
-# The app
+# The served models
+
+
+class ServedLM:
+    """A language model, the scheduler that owns its session, and the version it came from."""
+
+    def __init__(self, lm: Any, name: str, config: ServerConfig, version: str | None):
+        self.lm, self.version = lm, version
+        self.fingerprint = f"{name}:{version}" if version is not None else None
+        self.scheduler = Scheduler(lm, config.max_active, config.queue_size, name=version or name)
 
 
 class _Models:
     """The served models: at most one language model and any number of classifiers, by id."""
 
-    def __init__(self, lm: Any, lm_name: str, classifiers: dict[str, Any]):
-        self.lm, self.lm_name, self.classifiers = lm, lm_name, dict(classifiers)
+    def __init__(
+        self, lm: Any, lm_name: str, classifiers: dict[str, Any], config: ServerConfig, version: str | None
+    ):
+        self.lm_name, self.classifiers, self.config = lm_name, dict(classifiers), config
         if lm is None and not self.classifiers:
             raise ValueError("nothing to serve: give a language-model bundle and/or classifier bundles")
         if lm is not None and lm_name in self.classifiers:
             raise ValueError(f"model id {lm_name!r} is used twice; give the models distinct names")
+        self.served = ServedLM(lm, lm_name, config, version) if lm is not None else None
         self.created = int(time.time())
 
     def ids(self) -> list[str]:
-        return ([self.lm_name] if self.lm is not None else []) + list(self.classifiers)
+        return ([self.lm_name] if self.served is not None else []) + list(self.classifiers)
 
-    def language_model(self, name: str | None) -> Any:
+    def swap(self, lm: Any, version: str | None) -> None:
+        """Serve ``lm`` from the next request on; requests already admitted finish on the old one."""
+        new = ServedLM(lm, self.lm_name, self.config, version)
+        old, self.served = self.served, new  # one reference assignment: requests see old or new, whole
+        if old is not None:
+            old.scheduler.close()  # its thread ends once its running and queued requests are done
+        log.info("now serving %s version %s", self.lm_name, version)
+
+    def close(self) -> None:
+        if self.served is not None:
+            self.served.scheduler.shutdown()
+
+    def language_model(self, name: str | None) -> ServedLM:
         if name is not None and name in self.classifiers:
             raise APIError(
                 400,
@@ -329,7 +376,8 @@ class _Models:
                 param="model",
                 code="wrong_endpoint",
             )
-        if self.lm is None:
+        served = self.served
+        if served is None:
             raise APIError(
                 404,
                 "this server hosts no language model; see GET /v1/models",
@@ -345,7 +393,7 @@ class _Models:
                 code="model_not_found",
                 type="not_found_error",
             )
-        return self.lm
+        return served
 
     def classifier(self, name: str | None) -> tuple[str, Any]:
         if name is None:
@@ -376,39 +424,58 @@ class _Models:
         return name, self.classifiers[name]
 
 
+# --------------------------------------------------------------------------------------------
+# The app
+
+
 def create_app(
     lm: Any = None,
     classifiers: dict[str, Any] | None = None,
     config: ServerConfig | None = None,
     lm_name: str = "gptflow-lm",
+    version: str | None = None,
 ) -> FastAPI:
-    """The ASGI app over already loaded models (``deploy.runtime.OnnxLM`` / ``OnnxClassifier``)."""
+    """The ASGI app over already loaded models (``deploy.runtime.OnnxLM`` / ``OnnxClassifier``).
+
+    ``version`` names the language model's version (a registry version) in /v1/models, /health and
+    each completion's ``system_fingerprint``; ``app.state.models.swap(lm, version)`` replaces it.
+    """
     config = config or ServerConfig()
-    models = _Models(lm, config.model_name or lm_name, classifiers or {})
+    models = _Models(lm, config.model_name or lm_name, classifiers or {}, config, version)
     pool = WorkerPool(config.workers, config.queue_size)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         pool.shutdown()
+        models.close()
 
     app = FastAPI(
         title="gptflow",
         version="0.1.0",
         lifespan=lifespan,
         description="OpenAI-compatible completions and classification over ONNX bundles.",
+        docs_url="/docs" if config.docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if config.docs else None,
     )
     app.state.pool, app.state.models, app.state.config = pool, models, config
     _install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
+    hosts = config.trusted_hosts()
+    if hosts is not None:  # outermost: a foreign Host header is refused before the body is read
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
 
     bearer = HTTPBearer(auto_error=False)
 
-    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    def key_ok(credentials: HTTPAuthorizationCredentials | None) -> bool:
         if config.api_key is None:
-            return
+            return True
         given = credentials.credentials if credentials is not None else ""
-        if not hmac.compare_digest(given.encode(), config.api_key.encode()):
+        return hmac.compare_digest(given.encode(), config.api_key.encode())
+
+    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not key_ok(credentials):
             raise APIError(
                 401,
                 "missing or wrong API key; send 'Authorization: Bearer <key>'",
@@ -417,28 +484,34 @@ def create_app(
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    def busy(capacity: str) -> APIError:
+        return APIError(
+            503,
+            f"server busy: {capacity}; retry shortly",
+            type="server_busy",
+            code="overloaded",
+            headers={"Retry-After": str(config.retry_after_s)},
+        )
+
     def submit(fn: Callable[[], Any]) -> concurrent.futures.Future:
         try:
             return pool.submit(fn)
         except Overloaded:
-            raise APIError(
-                503,
-                f"server busy: {pool.capacity} requests already admitted; retry shortly",
-                type="server_busy",
-                code="overloaded",
-                headers={"Retry-After": str(config.retry_after_s)},
-            ) from None
+            raise busy(f"{pool.capacity} requests already admitted") from None
+
+    def timeout_error() -> APIError:
+        return APIError(
+            504,
+            f"request exceeded the server's time limit of {config.timeout_s:g} s",
+            type="timeout",
+            code="timeout",
+        )
 
     async def wait(future: concurrent.futures.Future, deadline: float) -> Any:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, deadline - time.monotonic()))
         except (asyncio.TimeoutError, TimeoutError):
-            raise APIError(
-                504,
-                f"request exceeded the server's time limit of {config.timeout_s:g} s",
-                type="timeout",
-                code="timeout",
-            ) from None
+            raise timeout_error() from None
         except ValueError as e:  # the runtime's bad-input errors
             raise APIError(400, str(e), code="invalid_value") from None
 
@@ -451,40 +524,101 @@ def create_app(
         return run
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": models.ids(), "pool": pool.stats()}
+    async def health(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": "ok"}
+        if key_ok(credentials):  # load figures and versions only for those who may use the models
+            served = models.served
+            out["models"] = models.ids()
+            if served is not None:
+                out["version"] = served.version
+                out["scheduler"] = served.scheduler.stats()
+            out["pool"] = pool.stats()
+        return out
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models() -> dict[str, Any]:
-        data = [
-            {"id": i, "object": "model", "created": models.created, "owned_by": "gptflow"}
-            for i in models.ids()
-        ]
+        served = models.served
+        data = []
+        for i in models.ids():
+            entry = {"id": i, "object": "model", "created": models.created, "owned_by": "gptflow"}
+            if served is not None and i == models.lm_name:
+                entry["version"] = served.version
+            data.append(entry)
         return {"object": "list", "data": data}
+
+    async def admit(body: CompletionRequest, emit: Callable[[list[tuple]], None], deadline: float):
+        """Tokenize (off the event loop) and queue the request on the current model's scheduler."""
+        for _ in range(3):  # the model may be swapped between reading it and queueing on it
+            served = models.language_model(body.model)
+            try:
+                rows, prompt_tokens = await run_in_threadpool(_completion_rows, body, served.lm, config)
+            except ValueError as e:  # the runtime's own checks
+                raise APIError(400, str(e), code="invalid_value") from None
+            try:
+                return served, served.scheduler.submit(rows, deadline, emit), len(rows), prompt_tokens
+            except Overloaded:
+                s = served.scheduler
+                raise busy(f"{s.max_active} sequences decoding and {s.max_queued} requests queued") from None
+            except Closed:
+                continue
+        raise busy("the model is being replaced")
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
         deadline = time.monotonic() + config.timeout_s
-        model = models.language_model(body.model)
-        prompts, cfg, n, prompt_tokens = _completion_plan(body, model, config)
+        models.language_model(body.model)  # 404/400 before any other check
+        _check_completion(body, config)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(batch: list[tuple]) -> None:  # called from the scheduler thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
+                loop.call_soon_threadsafe(events.put_nowait, batch)
+
+        served, job, n_choices, prompt_tokens = await admit(body, emit, deadline)
         meta = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": models.lm_name,
+            "system_fingerprint": served.fingerprint,
         }
+        scheduler = served.scheduler
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _stream(
-                model, prompts, n, cfg, prompt_tokens, meta, include_usage, submit, deadline, config.timeout_s
+                events, job, scheduler, meta, n_choices, prompt_tokens, include_usage, deadline, timeout_error
             )
-        expanded = [p for p in prompts for _ in range(n)]
-        generations = await wait(submit(guarded(lambda: model.generate(expanded, cfg), deadline)), deadline)
+
+        def on_disconnect(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is None and task.result():
+                scheduler.cancel(job)
+                events.put_nowait([("disconnected",)])
+
+        watcher = asyncio.ensure_future(_disconnected(request))
+        watcher.add_done_callback(on_disconnect)
+        texts, reasons, completion_tokens = [""] * n_choices, ["length"] * n_choices, 0
+        try:
+            async for event in _job_events(events, deadline):
+                kind = event[0]
+                if kind == "piece":
+                    texts[event[1]] += event[2]
+                elif kind == "end":
+                    reasons[event[1]] = event[2]
+                    completion_tokens += event[3]
+                elif kind == "timeout":
+                    raise timeout_error()
+                elif kind == "error":
+                    raise APIError(500, event[1], type="server_error")
+                elif kind == "disconnected":
+                    return JSONResponse({}, status_code=499)  # nobody is listening
+        finally:
+            watcher.cancel()
+            scheduler.cancel(job)  # a no-op when it has ended
         choices = [
-            {"index": i, "text": g.text, "finish_reason": g.finish_reason, "logprobs": None}
-            for i, g in enumerate(generations)
+            {"index": i, "text": t, "finish_reason": r, "logprobs": None}
+            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
         ]
-        completion_tokens = sum(g.completion_tokens for g in generations)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -507,9 +641,10 @@ def create_app(
         texts = [texts] if isinstance(texts, str) else texts
         if not 1 <= len(texts) <= config.max_choices:
             raise APIError(400, f"give 1 to {config.max_choices} texts, got {len(texts)}", param="input")
+        _check_bytes(texts, config, "input", single=False)
         # The runtime reads a text in the windows finetuning used (config classifier_input); the rest is cut.
         limit = config.max_prompt_tokens
-        counts = [_token_count(clf, t) for t in texts]
+        counts = await run_in_threadpool(lambda: [_token_count(clf, t) for t in texts])
         for i, c in enumerate(counts):
             if c > limit:
                 raise APIError(
@@ -525,16 +660,52 @@ def create_app(
     return app
 
 
+async def _disconnected(request: Request) -> bool:
+    """Wait for the client to go away (True); the body has been read, so the next message is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return True
+
+
+async def _job_events(events: asyncio.Queue, deadline: float) -> AsyncIterator[tuple]:
+    """One job's events in order, up to its last; a scheduler silent past the deadline counts as a timeout."""
+    while True:
+        try:
+            batch = await asyncio.wait_for(
+                events.get(), max(0.0, deadline - time.monotonic()) + STALL_GRACE_S
+            )
+        except (asyncio.TimeoutError, TimeoutError):
+            yield ("timeout",)
+            return
+        for event in batch:
+            yield event
+            if event[0] in ("done", "timeout", "error", "disconnected"):
+                return
+
+
 def _token_count(model: Any, text: str) -> int:
     """Tokens the runtime feeds for ``text``: it prepends BOS when the bundle says so or the text is empty."""
     ids = model.encode(text)
     return len(ids) + (1 if getattr(model, "add_bos", False) or not ids else 0)
 
 
-def _completion_plan(
-    body: CompletionRequest, model: Any, config: ServerConfig
-) -> tuple[list[str], GenerationConfig, int, int]:
-    """Check the request against the server's limits; return prompts, generation config, n, prompt tokens."""
+def _check_bytes(texts: list[str], config: ServerConfig, param: str, single: bool) -> None:
+    limit = config.max_prompt_bytes
+    for i, text in enumerate(texts):
+        size = len(text.encode("utf-8"))
+        if size > limit:
+            where = param if single else f"{param}[{i}]"
+            raise APIError(
+                400,
+                f"{where} is {size} bytes of UTF-8; the limit is {limit}",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+
+def _check_completion(body: CompletionRequest, config: ServerConfig) -> None:
+    """The request's limits that need no tokenizer (checked on the event loop, before any work)."""
     neutral = {
         "echo": (None, False),
         "logprobs": (None, 0),
@@ -577,10 +748,19 @@ def _completion_plan(
             param="max_tokens",
             code="max_tokens_exceeded",
         )
+    _check_bytes(prompts, config, "prompt", single=isinstance(body.prompt, str))
+
+
+def _completion_rows(body: CompletionRequest, model: Any, config: ServerConfig) -> tuple[list[Any], int]:
+    """Tokenize and check the prompts against the context; one runtime row per choice (prompt-major),
+    choice i sampling from the stream (seed, i). Runs off the event loop."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    n = body.n or 1
+    max_tokens = body.max_tokens or config.default_max_tokens
     limit = config.max_prompt_tokens  # under the sliding policy the runtime keeps the prompt's last tokens
     context = getattr(model, "max_context", None)
-    counts = [_token_count(model, p) for p in prompts]
-    for i, count in enumerate(counts):
+    ids = [model._prompt_ids(p) for p in prompts]
+    for i, count in enumerate(len(x) for x in ids):
         where = "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]"
         if count > limit:
             raise APIError(
@@ -607,8 +787,11 @@ def _completion_plan(
         stop=stop,
         seed=body.seed,
         context_policy=config.context_policy,
+        ignore_eos=bool(body.ignore_eos),
     )
-    return prompts, cfg, n, sum(counts)
+    expanded = [x for x in ids for _ in range(n)]
+    rows = [model.new_row(x, cfg, choice=i) for i, x in enumerate(expanded)]
+    return rows, sum(len(x) for x in ids)
 
 
 def _sse(data: Any) -> bytes:
@@ -616,127 +799,51 @@ def _sse(data: Any) -> bytes:
 
 
 def _stream(
-    model: Any,
-    prompts: list[str],
-    n: int,
-    cfg: GenerationConfig,
-    prompt_tokens: int,
+    events: asyncio.Queue,
+    job: Job,
+    scheduler: Scheduler,
     meta: dict[str, Any],
+    n_choices: int,
+    prompt_tokens: int,
     include_usage: bool,
-    submit: Callable[[Callable[[], Any]], concurrent.futures.Future],
     deadline: float,
-    timeout_s: float,
+    timeout_error: Callable[[], APIError],
 ) -> StreamingResponse:
-    """Stream each choice in turn as server-sent events; one worker runs the whole request."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    cancelled = threading.Event()
+    """Server-sent events from the job's rows as the scheduler produces them (choices interleave)."""
 
-    def push(item: tuple) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
-            loop.call_soon_threadsafe(events.put_nowait, item)
-
-    def produce() -> None:
-        try:
-            completion_tokens = 0
-            for index in range(len(prompts) * n):
-                prompt = prompts[index // n]
-                pieces: list[str] = []
-                stream = model.stream(prompt, cfg)
-                try:
-                    for piece in _pieces(stream, cancelled, deadline):
-                        pieces.append(piece)
-                        push(("piece", index, piece))
-                finally:
-                    stream.close()  # stops the runtime's generation loop
-                if cancelled.is_set():
-                    return
-                if time.monotonic() > deadline:
-                    push(("timeout",))
-                    return
-                used, reason = _stream_outcome(model, "".join(pieces), cfg)
-                completion_tokens += used
-                push(("end", index, reason))
-            push(("done", completion_tokens))
-        except ValueError as e:
-            push(("error", 400, str(e)))
-        except Exception:
-            log.exception("streaming generation failed")
-            push(("error", 500, "internal server error; see the server log"))
-
-    future = submit(produce)  # admission (503) happens before the 200 headers go out
+    def chunk(index: int, text: str, reason: str | None) -> bytes:
+        return _sse(
+            {**meta, "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]}
+        )
 
     async def events_out() -> AsyncIterator[bytes]:
+        completion_tokens = 0
         try:
-            while True:
-                kind, *rest = await events.get()
+            async for event in _job_events(events, deadline):
+                kind = event[0]
                 if kind == "piece":
-                    index, text = rest
-                    yield _sse(
-                        {
-                            **meta,
-                            "choices": [
-                                {"index": index, "text": text, "finish_reason": None, "logprobs": None}
-                            ],
-                        }
-                    )
+                    yield chunk(event[1], event[2], None)
                 elif kind == "end":
-                    index, reason = rest
-                    yield _sse(
-                        {
-                            **meta,
-                            "choices": [
-                                {"index": index, "text": "", "finish_reason": reason, "logprobs": None}
-                            ],
-                        }
-                    )
+                    completion_tokens += event[3]
+                    yield chunk(event[1], "", event[2])
                 elif kind == "done":
                     if include_usage:
-                        used = rest[0]
                         usage = {
                             "prompt_tokens": prompt_tokens,
-                            "completion_tokens": used,
-                            "total_tokens": prompt_tokens + used,
+                            "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens,
                         }
                         yield _sse({**meta, "choices": [], "usage": usage})
                     yield b"data: [DONE]\n\n"
-                    return
-                else:
-                    if kind == "timeout":
-                        err = APIError(
-                            504,
-                            f"request exceeded the server's time limit of {timeout_s:g} s",
-                            type="timeout",
-                            code="timeout",
-                        )
-                    else:
-                        status, message = rest
-                        err = APIError(
-                            status, message, type="invalid_request_error" if status < 500 else "server_error"
-                        )
-                    yield _sse(err.body())
-                    return
+                elif kind == "timeout":
+                    yield _sse(timeout_error().body())
+                elif kind == "error":
+                    yield _sse(APIError(500, event[1], type="server_error").body())
         finally:
-            cancelled.set()  # client gone or stream over: the worker stops at its next token
-            future.cancel()
+            scheduler.cancel(job)  # client gone or stream over: its rows leave at the next step
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events_out(), media_type="text/event-stream", headers=headers)
-
-
-def _pieces(stream: Iterator[str], cancelled: threading.Event, deadline: float) -> Iterator[str]:
-    for piece in stream:
-        if cancelled.is_set() or time.monotonic() > deadline:
-            return
-        if piece:
-            yield piece
-
-
-def _stream_outcome(model: Any, text: str, cfg: GenerationConfig) -> tuple[int, str]:
-    """(completion tokens, finish_reason) of a finished stream, which reports neither: the streamed text is
-    re-encoded, so the count can differ from the tokens sampled when the tokenizer would merge them."""
-    used = len(model.encode(text)) if text else 0
-    return used, "length" if used >= cfg.max_new_tokens else "stop"
 
 
 # --------------------------------------------------------------------------------------------
@@ -784,6 +891,7 @@ def build_server(
             log_level=log_level,
             access_log=access_log,
             timeout_graceful_shutdown=5,
+            limit_concurrency=config.limit_concurrency,
         )
     )
 
@@ -803,8 +911,15 @@ def run_in_thread(
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    config = getattr(app.state, "config", None) or ServerConfig()
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=2)
+        uvicorn.Config(
+            app,
+            log_level=log_level,
+            access_log=False,
+            timeout_graceful_shutdown=2,
+            limit_concurrency=config.limit_concurrency,
+        )
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

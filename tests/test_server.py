@@ -328,7 +328,8 @@ def test_fuzzed_classify_bodies_never_get_5xx(server, body):
 
 def test_server_is_healthy_after_the_fuzzing(client):
     # Module order runs this after the fuzz tests; it also holds on its own.
-    assert client.get("/health").json()["pool"]["running"] == 0
+    health = client.get("/health").json()
+    assert health["pool"]["running"] == 0 and health["scheduler"]["active"] == 0
     r = client.post("/v1/completions", json={"prompt": "the market", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200
 
@@ -369,28 +370,20 @@ def test_invalid_classify_requests_get_4xx(client, body, status):
 # Concurrency: overload, time limits, disconnects
 
 
-class GatedLM:
-    """Wraps the real LM: generation waits for ``gate``; streams yield slowly and record when stopped."""
+class SlowLM:
+    """Wraps the real LM: every session call waits for ``gate`` and takes at least ``delay`` seconds."""
 
-    def __init__(self, lm):
-        self.lm, self.gate = lm, threading.Event()
-        self.produced, self.stream_closed = 0, threading.Event()
+    def __init__(self, lm, delay: float = 0.0):
+        self.lm, self.delay, self.gate = lm, delay, threading.Event()
+        self.gate.set()
 
     def __getattr__(self, name):
         return getattr(self.lm, name)
 
-    def generate(self, prompts, cfg=None, **kw):
+    def _forward(self, *args):
         self.gate.wait(timeout=30)
-        return self.lm.generate(prompts, cfg, **kw)
-
-    def stream(self, prompt, cfg=None, **kw):
-        try:
-            for _ in range(2000):
-                time.sleep(0.01)
-                self.produced += 1
-                yield "x"
-        finally:
-            self.stream_closed.set()
+        time.sleep(self.delay)
+        return self.lm._forward(*args)
 
 
 def wait_until(predicate, timeout=10.0):
@@ -400,57 +393,186 @@ def wait_until(predicate, timeout=10.0):
         time.sleep(0.01)
 
 
+def scheduler_stats(url: str) -> dict:
+    return httpx.get(f"{url}/health").json()["scheduler"]
+
+
 def test_overload_answers_503_for_the_excess_and_recovers(models):
     lm, lm_name, _ = models
-    gated = GatedLM(lm)
-    app = create_app(gated, config=ServerConfig(workers=1, queue_size=1, retry_after_s=2), lm_name=lm_name)
+    slow = SlowLM(lm)
+    slow.gate.clear()
+    config = ServerConfig(max_active=1, queue_size=1, retry_after_s=2)
+    app = create_app(slow, config=config, lm_name=lm_name)
     body = {"prompt": "the market", "max_tokens": 4, "temperature": 0}
     with run_in_thread(app) as url, ThreadPoolExecutor(8) as pool:
-        health = lambda: httpx.get(f"{url}/health").json()["pool"]  # noqa: E731
-        admitted = [pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=30) for _ in range(2)]
-        wait_until(lambda: health()["running"] == 1 and health()["queued"] == 1)
+        admitted = [pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=30)]
+        wait_until(lambda: scheduler_stats(url)["admitted"] == 1 and scheduler_stats(url)["queued"] == 0)
+        admitted.append(pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=30))
+        wait_until(
+            lambda: scheduler_stats(url)["queued"] == 1
+        )  # one decoding (held at the gate), one waiting
         burst = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=30), range(6)))
         for r in burst:
             assert_openai_error(r, 503)
             assert r.headers["retry-after"] == "2"
-        gated.gate.set()
+        slow.gate.set()
         want = greedy(lm, "the market", 4).text
         assert [f.result().json()["choices"][0]["text"] for f in admitted] == [want, want]
         assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
-        assert health() == {"workers": 1, "capacity": 2, "running": 0, "queued": 0, "rejected": 6}
+        stats = scheduler_stats(url)
+        assert (stats["active"], stats["queued"], stats["rejected"], stats["completed"]) == (0, 0, 6, 3)
 
 
-def test_request_over_the_time_limit_gets_504(models):
+def test_a_504_frees_its_row(models):
     lm, lm_name, _ = models
-    gated = GatedLM(lm)
-    app = create_app(gated, config=ServerConfig(timeout_s=0.3), lm_name=lm_name)
+    slow = SlowLM(lm, delay=0.02)  # 48 tokens take about 1 s, well past the 0.3 s limit
+    app = create_app(slow, config=ServerConfig(timeout_s=0.3), lm_name=lm_name)
     with run_in_thread(app) as url:
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=10)
+        body = {"prompt": "x", "max_tokens": 48, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
         assert_openai_error(r, 504)
-        with httpx.stream(
-            "POST", f"{url}/v1/completions", json={"prompt": "x", "stream": True}, timeout=10
-        ) as s:
+        stats = scheduler_stats(url)  # the 504 is sent once the row has left: no waiting here
+        assert (stats["active"], stats["timed_out"]) == (0, 1)
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=10) as s:
             events = [line for line in s.iter_lines() if line]
         assert json.loads(events[-1][len("data: ") :])["error"]["code"] == "timeout"
-        gated.gate.set()
-        wait_until(lambda: httpx.get(f"{url}/health").json()["pool"]["running"] == 0)
+        stats = scheduler_stats(url)
+        assert (stats["active"], stats["timed_out"]) == (0, 2)
 
 
-def test_client_disconnect_stops_a_streaming_generation(models):
+def test_client_disconnecting_mid_stream_frees_its_slot_within_one_step(models):
     lm, lm_name, _ = models
-    gated = GatedLM(lm)
-    app = create_app(
-        gated, config=ServerConfig(max_tokens_cap=2000, context_policy="sliding"), lm_name=lm_name
-    )
+    slow = SlowLM(lm, delay=0.01)
+    config = ServerConfig(max_tokens_cap=2000, context_policy="sliding")
+    app = create_app(slow, config=config, lm_name=lm_name)
     with run_in_thread(app) as url:
-        body = {"prompt": "x", "max_tokens": 2000, "stream": True}
+        body = {"prompt": "x", "max_tokens": 2000, "stream": True, "temperature": 0, "ignore_eos": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=10) as s:
             lines = s.iter_lines()
-            while next(lines) == "" or gated.produced < 3:
-                pass
-        assert gated.stream_closed.wait(timeout=5), "generation kept running after the client left"
-        assert gated.produced < 500
-        wait_until(lambda: httpx.get(f"{url}/health").json()["pool"]["running"] == 0)
+            got = 0
+            while got < 3:
+                got += bool(next(lines))
+            assert scheduler_stats(url)["active"] == 1
+        wait_until(lambda: scheduler_stats(url)["cancelled"] == 1)
+        stats = scheduler_stats(url)
+        assert stats["active"] == 0 and stats["free_lag_steps_max"] <= 1, stats
+        assert stats["steps"] < 1000  # it did not run on to 2000 tokens
+
+
+def test_client_leaving_a_plain_request_frees_its_slot(models):
+    lm, lm_name, _ = models
+    slow = SlowLM(lm, delay=0.02)
+    app = create_app(
+        slow, config=ServerConfig(max_tokens_cap=2000, context_policy="sliding"), lm_name=lm_name
+    )
+    with run_in_thread(app) as url:
+        body = {"prompt": "x", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
+        wait_until(lambda: scheduler_stats(url)["cancelled"] == 1)
+        stats = scheduler_stats(url)
+        assert stats["active"] == 0 and stats["free_lag_steps_max"] <= 1, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Honest results: streamed and plain agree, choice by choice
+
+
+def stream_choices(client, body) -> tuple[list[str], list[str], dict | None]:
+    """Texts and finish reasons per choice index, and the usage chunk, of a streamed request."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = [
+            json.loads(line[len("data: ") :]) for line in r.iter_lines() if line and "[DONE]" not in line
+        ]
+    n = 1 + max(c["index"] for e in events for c in e["choices"])
+    texts, reasons = [""] * n, [None] * n
+    for e in events:
+        for c in e["choices"]:
+            texts[c["index"]] += c["text"]
+            reasons[c["index"]] = c["finish_reason"] or reasons[c["index"]]
+    usage = [e["usage"] for e in events if e.get("usage")]
+    return texts, reasons, usage[0] if usage else None
+
+
+def test_seeded_n3_gives_three_different_choices_the_same_streamed_and_not(client, models):
+    lm, _, _ = models
+    body = {"prompt": "the market", "n": 3, "max_tokens": 16, "temperature": 1.0, "seed": 11}
+    plain = client.post("/v1/completions", json=body).json()["choices"]
+    texts = [c["text"] for c in plain]
+    assert len(set(texts)) == 3, texts
+    streamed, reasons, _ = stream_choices(client, body)
+    assert streamed == texts and reasons == [c["finish_reason"] for c in plain]
+    cfg = GenerationConfig(max_new_tokens=16, temperature=1.0, seed=11)
+    assert [g.text for g in lm.generate(["the market"] * 3, cfg)] == texts  # choice i = stream (seed, i)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"temperature": 0},
+        {"temperature": 1.2, "seed": 3, "n": 2},
+        {"temperature": 0, "stop": ["e"]},
+        {"temperature": 0.9, "top_k": 20, "seed": 5, "prompt": PROMPTS},
+    ],
+)
+def test_streamed_usage_and_finish_reasons_equal_the_plain_ones(client, extra):
+    body = {"prompt": PROMPTS[1], "max_tokens": 20, **extra}
+    plain = client.post("/v1/completions", json=body).json()
+    texts, reasons, usage = stream_choices(client, body)
+    assert usage == plain["usage"]
+    assert texts == [c["text"] for c in plain["choices"]]
+    assert reasons == [c["finish_reason"] for c in plain["choices"]]
+
+
+# --------------------------------------------------------------------------------------------
+# Hardening
+
+
+def test_foreign_host_header_is_refused_on_a_loopback_bind(server):
+    r = httpx.get(f"{server}/health", headers={"Host": "evil.example:80"})
+    assert r.status_code == 400
+    assert httpx.get(f"{server}/health", headers={"Host": "localhost"}).status_code == 200
+
+
+def test_docs_and_openapi_are_off_unless_asked_for(server, models):
+    lm, lm_name, _ = models
+    assert httpx.get(f"{server}/docs").status_code == 404
+    assert httpx.get(f"{server}/openapi.json").status_code == 404
+    with run_in_thread(create_app(lm, config=ServerConfig(docs=True), lm_name=lm_name)) as url:
+        assert httpx.get(f"{url}/openapi.json").status_code == 200
+
+
+def test_health_reveals_load_and_version_only_with_the_key(server):
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    full = httpx.get(f"{server}/health", headers=AUTH).json()
+    assert {"models", "version", "scheduler", "pool"} <= set(full)
+
+
+def test_prompt_over_the_byte_limit_is_refused_before_tokenizing(models):
+    lm, lm_name, _ = models
+
+    class NoTokenizing(SlowLM):
+        def _prompt_ids(self, text):
+            raise AssertionError("tokenized a prompt over the byte limit")
+
+    app = create_app(NoTokenizing(lm), config=ServerConfig(max_prompt_bytes=8), lm_name=lm_name)
+    with run_in_thread(app) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "市场 上涨", "max_tokens": 2})  # 13 bytes
+        assert assert_openai_error(r, 400, "prompt")["code"] == "context_length_exceeded"
+
+
+def test_a_body_that_never_arrives_gets_408(models):
+    lm, lm_name, _ = models
+    with run_in_thread(create_app(lm, config=ServerConfig(body_timeout_s=0.3), lm_name=lm_name)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            sock.sendall((head + "Content-Length: 100\r\n\r\n{").encode())
+            t0 = time.monotonic()
+            reply = sock.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and time.monotonic() - t0 < 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,7 +585,7 @@ def test_server_imports_and_serves_without_torch(bundles):
         "from fastapi.testclient import TestClient\n"
         "from deploy.server import create_app, load_models\n"
         f"lm, name, clfs = load_models({str(bundles['tiny-lm'])!r}, [{str(bundles['topics'])!r}])\n"
-        "r = TestClient(create_app(lm, clfs, lm_name=name)).post('/v1/completions', json={'prompt': 'a'})\n"
+        "r = TestClient(create_app(lm, clfs, lm_name=name), base_url='http://127.0.0.1').post('/v1/completions', json={'prompt': 'a'})\n"
         "assert r.status_code == 200, r.text\n"
         "assert 'torch' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
     )
