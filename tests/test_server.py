@@ -27,6 +27,7 @@ from deploy.server import create_app, load_models, run_in_thread
 from deploy.server_config import ServerConfig
 from gptflow.commands.serve import resolve_model_uri
 
+ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LABELS = ["business", "sport", "tech"]
@@ -645,3 +646,74 @@ def test_gptflow_serve_cli_starts_answers_and_stops(bundles):
             assert "Traceback" not in proc.stderr.read()
         finally:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_promoting_a_new_version_while_a_stream_runs(bundles, tmp_path, caplog):
+    """The stream finishes on the old version, the next request is served by the new one; a version
+    that fails to load keeps the old one and says why."""
+    import logging
+
+    import mlflow
+
+    from deploy.registry import RegistryFollower, resolve
+    from deploy.runtime import load_bundle
+
+    def promote(bundle) -> None:
+        """What a retrain does: log the bundle as the pyfunc model (artifact "bundle"), register it, move the alias."""
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(ROOT / "deploy" / "mlflow_model.py"),
+            artifacts={"bundle": str(bundle)},
+            pip_requirements=["onnxruntime", "sentencepiece", "numpy"],
+        )
+        version = mlflow.register_model(info.model_uri, "gptflow-lm").version
+        mlflow.MlflowClient().set_registered_model_alias("gptflow-lm", "champion", version)
+
+    old_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("serve", (tmp_path / "artifacts").as_uri()))
+    try:
+        promote(bundles["tiny-lm"])
+        bundle, name, version = resolve("models:/gptflow-lm@champion", tmp_path / "served")
+        assert (name, version) == ("gptflow-lm", "1")
+
+        def load(path):
+            return SlowLM(load_bundle(path), delay=0.05)  # 60 tokens take ~3 s: the swap lands mid-stream
+
+        app = create_app(load(bundle), config=ServerConfig(max_tokens_cap=64), lm_name=name, version=version)
+        models = app.state.models
+        follower = RegistryFollower(name, "champion", version, tmp_path / "served", load, models.swap, 3600)
+        promote(bundles["tiny-lm"])  # v2 is champion
+        body = {"prompt": "x", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+        with run_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+            old = models.served
+            stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            with c.stream("POST", "/v1/completions", json=stream) as s:
+                lines = (line for line in s.iter_lines() if line)
+                first = json.loads(next(lines)[len("data: ") :])
+                assert follower.poll_once()
+                assert old.scheduler.stats()["active"] == 1  # the stream was still decoding at the swap
+                rest = list(lines)
+            assert rest[-1] == "data: [DONE]"
+            chunks = [first] + [json.loads(line[len("data: ") :]) for line in rest[:-1]]
+            assert chunks[-1]["usage"]["completion_tokens"] == 60
+            assert {ch["system_fingerprint"] for ch in chunks} == {"gptflow-lm:1"}
+            r = c.post("/v1/completions", json=body).json()
+            assert r["system_fingerprint"] == "gptflow-lm:2" and r["usage"]["completion_tokens"] == 60
+            assert c.get("/v1/models").json()["data"][0]["version"] == "2"
+            assert c.get("/health").json()["version"] == "2"
+            wait_until(lambda: not old.scheduler.running)  # the old scheduler ends once drained
+
+            broken = tmp_path / "broken"
+            shutil.copytree(bundles["tiny-lm"], broken)
+            (broken / "model.onnx").write_bytes(b"not an onnx graph")
+            promote(broken)  # v3: champion, unloadable
+            with caplog.at_level(logging.WARNING, logger="deploy.registry"):
+                assert not follower.poll_once()
+            assert (
+                "version 3, which failed to load" in caplog.text and "still serving version 2" in caplog.text
+            )
+            assert c.post("/v1/completions", json=body).json()["system_fingerprint"] == "gptflow-lm:2"
+    finally:
+        mlflow.set_tracking_uri(old_uri)

@@ -24,6 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="MLflow model URI of a logged bundle, e.g. models:/gptflow-lm@champion (uses MLFLOW_TRACKING_URI)",
     )
     parser.add_argument(
+        "--reload-interval",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="with --model-uri models:/NAME@ALIAS: check the alias every S seconds and swap in the version "
+        "it moves to, without dropping requests (0 = never)",
+    )
+    parser.add_argument(
         "--classifier",
         type=Path,
         action="append",
@@ -45,40 +53,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_model_uri(uri: str, dst: Path) -> tuple[Path, str]:
     """Download an MLflow model and find the bundle in it; returns (bundle dir, model name)."""
-    import mlflow.artifacts
+    from deploy.registry import resolve
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    candidates = sorted(p.parent for p in local.rglob("config.json") if (p.parent / "model.onnx").is_file())
-    if not candidates:
-        raise FileNotFoundError(
-            f"{uri} downloaded to {local} holds no bundle (a directory with config.json and model.onnx); "
-            "log the model with its bundle under the artifact key 'bundle'"
-        )
-    # A registered model "models:/NAME@alias" or "models:/NAME/3" is served under NAME.
-    name = uri.split("models:/", 1)[1].split("/")[0].split("@")[0] if uri.startswith("models:/") else ""
-    return candidates[0], name or candidates[0].name
+    bundle, name, _ = resolve(uri, dst)
+    return bundle, name
 
 
 def run(args: argparse.Namespace) -> int:
+    from deploy.runtime import load_bundle
     from deploy.server import create_app, load_models, serve
 
     overrides = config_overrides(args, ServerConfig)
     if "api_key" not in overrides and os.environ.get("GPTFLOW_API_KEY"):
         overrides["api_key"] = os.environ["GPTFLOW_API_KEY"]  # keeps the key out of `ps` output
     config = ServerConfig(**overrides)
+    if args.reload_interval < 0:
+        raise ValueError(f"--reload-interval {args.reload_interval} must be >= 0 seconds (0 = never)")
+    follower = None
     with tempfile.TemporaryDirectory(prefix="gptflow-serve-") as tmp:
-        bundle, uri_name = args.bundle, None
+        bundle, uri_name, version = args.bundle, None, None
         if args.model_uri:
-            bundle, uri_name = resolve_model_uri(args.model_uri, Path(tmp))
-            log.info("serving %s from %s", args.model_uri, bundle)
+            from deploy.registry import RegistryFollower, parse_model_uri, resolve
+
+            bundle, uri_name, version = resolve(args.model_uri, Path(tmp))
+            log.info("serving %s (version %s) from %s", args.model_uri, version, bundle)
         lm, lm_name, classifiers = load_models(bundle, args.classifier, providers=args.providers)
-        app = create_app(lm, classifiers, config, lm_name=uri_name or lm_name)
+        app = create_app(lm, classifiers, config, lm_name=uri_name or lm_name, version=version)
+        if args.reload_interval > 0:
+            parsed = parse_model_uri(args.model_uri or "")
+            if not parsed or parsed[1] is None or lm is None:
+                raise ValueError(
+                    "--reload-interval follows a registry alias: give --model-uri models:/NAME@ALIAS of a language model"
+                )
+            follower = RegistryFollower(
+                parsed[0],
+                parsed[1],
+                version,
+                Path(tmp),
+                load=lambda path: load_bundle(path, providers=args.providers),
+                swap=app.state.models.swap,
+                interval_s=args.reload_interval,
+            )
+            follower.start()
+            log.info("following %s every %g s", args.model_uri, args.reload_interval)
         log.info(
-            "gptflow serve: models %s on http://%s:%d (workers %d, queue %d%s)",
+            "gptflow serve: models %s on http://%s:%d (max %d active sequences, queue %d%s)",
             ", ".join(app.state.models.ids()),
             config.host,
             config.port,
-            config.workers,
+            config.max_active,
             config.queue_size,
             ", API key required" if config.api_key else "",
         )
@@ -86,5 +109,9 @@ def run(args: argparse.Namespace) -> int:
             log.warning(
                 "binding %s without --api-key: anyone who can reach it can use the model", config.host
             )
-        serve(app, config, log_level="debug" if args.verbose else "info", access_log=args.access_log)
+        try:
+            serve(app, config, log_level="debug" if args.verbose else "info", access_log=args.access_log)
+        finally:
+            if follower is not None:
+                follower.stop()
     return 0
