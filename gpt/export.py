@@ -4,7 +4,8 @@ The decoder is exported as ONE graph with optimum-compatible names (``input_ids`
 ``position_ids``, ``past_key_values.{i}.key/value`` -> ``logits``, ``present.{i}.key/value``); an empty
 past (length 0) is the prefill. A classifier exports ``input_ids, attention_mask -> logits``.
 
-A bundle directory holds ``model.onnx``, ``tokenizer.model``, ``config.json`` and, written last,
+A bundle directory holds ``model.onnx``, ``tokenizer.model``, ``config.json`` (an LM also
+``genai_config.json``, for onnxruntime-genai) and, written last,
 ``manifest.json``. It is built in a temp directory and renamed into place only after ``onnx.checker``
 and the parity check (onnxruntime vs PyTorch logits, greedy tokens) pass, so a bundle that exists is
 a bundle that was verified. The runtime that reads it is ``deploy/runtime.py`` (no torch).
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.model"
 CONFIG_FILE = "config.json"
+GENAI_CONFIG_FILE = "genai_config.json"  # lets onnxruntime-genai run the decoder graph
 BUNDLE_FORMAT = "gptflow-onnx-bundle"
 QUANTIZE = ("none", "int8")
 EXTERNAL_DATA_BYTES = 1_900_000_000  # protobuf's 2 GB limit, with room for the graph itself
@@ -79,6 +81,55 @@ def lm_io_names(n_layer: int) -> tuple[list[str], list[str]]:
     inputs = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{k}" for i, k in kv]
     outputs = ["logits"] + [f"present.{i}.{k}" for i, k in kv]
     return inputs, outputs
+
+
+def genai_config(model: dict[str, Any], special_ids: dict[str, int]) -> dict[str, Any]:
+    """onnxruntime-genai's description of the decoder graph: model ``type: "decoder"`` with our I/O
+    names (its ``gpt2`` type expects other input names). The graph returns present = past + new, a
+    fresh buffer each step, hence ``past_present_share_buffer: false``."""
+    n_embd, n_head = int(model["n_embd"]), int(model["n_head"])
+    return {
+        "model": {
+            "type": "decoder",
+            "bos_token_id": special_ids["bos"],
+            "eos_token_id": special_ids["eos"],
+            "pad_token_id": special_ids["pad"],
+            "context_length": int(model["block_size"]),
+            "vocab_size": int(model["vocab_size"]),
+            "decoder": {
+                "filename": ONNX_FILE,
+                "head_size": n_embd // n_head,
+                "hidden_size": n_embd,
+                "num_attention_heads": n_head,
+                "num_key_value_heads": n_head,
+                "num_hidden_layers": int(model["n_layer"]),
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "max_length": int(model["block_size"]),
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+            "repetition_penalty": 1.0,
+        },
+    }
 
 
 def export_onnx(model: GPT, path: Path, opset: int = 18) -> Path:
@@ -511,6 +562,8 @@ def export_bundle(
             "versions": _versions(),
         }
         atomic_write_json(tmp / CONFIG_FILE, bundle_config)  # the runtime reads it during the greedy check
+        if kind == "lm":
+            atomic_write_json(tmp / GENAI_CONFIG_FILE, genai_config(cfg.to_dict(), SPECIAL_IDS))
 
         t0 = time.perf_counter()
         if kind == "lm":
@@ -577,6 +630,8 @@ def _export_int8(fp32_dir: Path, kind: str, eval_text: str | None, seed: int) ->
         quantize_int8(fp32_dir / ONNX_FILE, tmp / ONNX_FILE)
         onnx.checker.check_model(str(tmp / ONNX_FILE))
         shutil.copyfile(fp32_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        if (fp32_dir / GENAI_CONFIG_FILE).is_file():  # same inputs and outputs
+            shutil.copyfile(fp32_dir / GENAI_CONFIG_FILE, tmp / GENAI_CONFIG_FILE)
         cfg = read_json(fp32_dir / CONFIG_FILE, what="bundle config")
         cfg.update(
             precision="int8", quantization={"method": "onnxruntime.quantize_dynamic", "weight_type": "QInt8"}

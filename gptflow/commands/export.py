@@ -29,6 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="UTF-8 text file to measure int8's quality cost on (bits per byte; one text per line for a classifier)",
     )
     parser.add_argument("--config", type=Path, help="YAML file with ExportConfig fields (flags override it)")
+    parser.add_argument(
+        "--triton-repo",
+        type=Path,
+        metavar="DIR",
+        help="also write a Triton model repository (onnxruntime backend) for the bundle's graph into DIR",
+    )
+    parser.add_argument(
+        "--triton-name", help="model name in the Triton repository (default: the bundle directory name)"
+    )
     add_config_args(parser, ExportConfig)
 
 
@@ -43,5 +52,9 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--eval-text file not found: {args.eval_text}")
         eval_text = args.eval_text.read_text(encoding="utf-8")
     result = export_bundle(args.checkpoint, args.out, config, eval_text=eval_text, tokenizer=args.tokenizer)
+    if args.triton_repo:
+        from deploy.triton import write_triton_repo
+
+        result["triton_model"] = str(write_triton_repo(args.out, args.triton_repo, args.triton_name))
     print(json.dumps(result, indent=2))
     return 0
