@@ -66,6 +66,7 @@ class Scheduler:
             ("admitted", "rejected", "completed", "cancelled", "timed_out", "failed"), 0
         )
         self.free_lag_max = 0  # most steps between a cancel() and its rows leaving the batch
+        self.peak_active = 0  # most rows that decoded together
         self._thread = threading.Thread(target=self._loop, name=f"gptflow-scheduler-{name}", daemon=True)
         self._thread.start()
 
@@ -106,6 +107,7 @@ class Scheduler:
                 "steps": self.steps,
                 **self.counts,
                 "free_lag_steps_max": self.free_lag_max,
+                "peak_active": self.peak_active,
             }
 
     def close(self, wait: float | None = None) -> None:
@@ -146,6 +148,7 @@ class Scheduler:
                 if joining:
                     self._dispatch(self.batch.join(joining))
                 if self.batch.rows:
+                    self.peak_active = max(self.peak_active, len(self.batch.rows))
                     self._dispatch(self.batch.step())
             except Exception as e:  # a failed session call: the rows in it cannot continue
                 log.exception("decode step failed")
