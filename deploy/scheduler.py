@@ -1,11 +1,13 @@
 """Continuous batching for one language model (torch-free): a thread owns the ONNX Runtime session
 and, step after step, advances every active sequence together.
 
-A request (a ``Job``) is one or more rows (its choices). Between two steps the scheduler ends the
-rows of cancelled and timed-out jobs, lets queued rows join (their prompts are prefilled in one call
-of their own and merged into the batch cache), then runs one decode step for every row; finished
-rows leave at once and free their slot. Events go to each job's ``emit`` callback from the
-scheduler thread, one list per step::
+A request (a ``Job``) is one or more rows (its choices). Between two session calls the scheduler
+ends the rows of cancelled and timed-out jobs and lets queued rows join (their prompts are
+prefilled in one call of their own and merged into a batch cache); then it runs one decode step.
+Active rows sit in groups of at most ``batch_rows`` (each a ``DecodeBatch``) that take turns, one
+call per group: on a CPU a group of 8 keeps most of the batching gain, and a new prompt waits for
+one short call instead of a step over every row. Finished rows leave at once and free their slot.
+Events go to each job's ``emit`` callback from the scheduler thread, one list per call::
 
     ("piece", index, text)                  text released for choice ``index``
     ("end", index, finish_reason, tokens)   choice ``index`` finished; tokens = its completion tokens
@@ -16,6 +18,7 @@ scheduler thread, one list per step::
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -50,11 +53,19 @@ class Job:
 class Scheduler:
     """Owns ``lm``'s session: at most ``max_active`` rows decode together, ``max_queued`` jobs wait."""
 
-    def __init__(self, lm: OnnxLM, max_active: int = 32, max_queued: int = 32, name: str = "lm"):
-        if max_active < 1 or max_queued < 0:
-            raise ValueError(f"max_active={max_active} must be >= 1 and max_queued={max_queued} >= 0")
+    def __init__(
+        self, lm: OnnxLM, max_active: int = 32, max_queued: int = 32, name: str = "lm", batch_rows: int = 0
+    ):
+        if max_active < 1 or max_queued < 0 or batch_rows < 0:
+            raise ValueError(
+                f"max_active={max_active} must be >= 1, max_queued={max_queued} and batch_rows={batch_rows} >= 0"
+            )
         self.lm, self.max_active, self.max_queued = lm, max_active, max_queued
-        self.batch = DecodeBatch(lm)
+        # Active rows decode in groups of at most batch_rows, one session call per group in turn:
+        # a new prompt waits for one short call rather than a step over every row (0 = one group).
+        self.batch_rows = min(batch_rows or max_active, max_active)
+        self.batches = [DecodeBatch(lm) for _ in range(-(-max_active // self.batch_rows))]
+        self._turn = 0
         self._cv = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()  # jobs with rows waiting to join
         self._live: list[Job] = []  # admitted jobs that have not ended
@@ -77,7 +88,7 @@ class Scheduler:
         with self._cv:
             if self._closing:
                 raise Closed
-            must_wait = bool(self._queue) or len(self.batch.rows) + len(rows) > self.max_active
+            must_wait = bool(self._queue) or self.active + len(rows) > self.max_active
             if must_wait and len(self._queue) >= self.max_queued:
                 self.counts["rejected"] += 1
                 raise Overloaded
@@ -100,10 +111,11 @@ class Scheduler:
     def stats(self) -> dict[str, Any]:
         with self._cv:
             return {
-                "active": len(self.batch.rows),
+                "active": self.active,
                 "queued": len(self._queue),
                 "max_active": self.max_active,
                 "max_queued": self.max_queued,
+                "batch_rows": self.batch_rows,
                 "steps": self.steps,
                 **self.counts,
                 "free_lag_steps_max": self.free_lag_max,
@@ -126,6 +138,10 @@ class Scheduler:
         self._thread.join(10)
 
     @property
+    def active(self) -> int:
+        return sum(len(b.rows) for b in self.batches)
+
+    @property
     def running(self) -> bool:
         return self._thread.is_alive()
 
@@ -143,30 +159,41 @@ class Scheduler:
                 if self._closing and not self._live:
                     return
                 self._expire()
-                joining = self._admit()
-            try:
-                if joining:
-                    self._dispatch(self.batch.join(joining))
-                if self.batch.rows:
-                    self.peak_active = max(self.peak_active, len(self.batch.rows))
-                    self._dispatch(self.batch.step())
-            except Exception as e:  # a failed session call: the rows in it cannot continue
-                log.exception("decode step failed")
-                with self._cv:
-                    for job in [j for j in self._live if any(self._in_batch(r) for r in j.rows)] + [
-                        self._owner[id(r)][0] for r in joining if id(r) in self._owner
-                    ]:
-                        if not job.ended:
-                            self.counts["failed"] += 1
-                            self._end_job(job, ("error", f"generation failed: {type(e).__name__}"))
-                    self.batch = DecodeBatch(self.lm)
+                joins = self._admit()
+                batch = self._next_batch(joins)
+            for target, rows in joins:
+                self._guarded(target, rows, functools.partial(target.join, rows))
+            if batch is not None and batch.rows:
+                self.peak_active = max(self.peak_active, self.active)
+                self._guarded(batch, list(batch.rows), batch.step)
             with self._cv:
                 self.steps += 1
                 if not self._live:
                     self._owner.clear()
 
-    def _in_batch(self, row: Row) -> bool:
-        return any(r is row for r in self.batch.rows)
+    def _next_batch(self, joins: list[tuple[DecodeBatch, list[Row]]]) -> DecodeBatch | None:
+        """The group to step now: the next one in turn with rows (or rows about to join)."""
+        joining = {id(b) for b, _ in joins}
+        for _ in range(len(self.batches)):
+            batch = self.batches[self._turn]
+            self._turn = (self._turn + 1) % len(self.batches)
+            if batch.rows or id(batch) in joining:
+                return batch
+        return None
+
+    def _guarded(self, batch: DecodeBatch, rows: list[Row], call: Callable[[], list]) -> None:
+        """Run a session call and dispatch its results; a failed call ends the jobs of its rows."""
+        try:
+            self._dispatch(call())
+        except Exception as e:
+            log.exception("decode call failed")
+            with self._cv:
+                for row in list(rows) + list(batch.rows):
+                    owner = self._owner.get(id(row))
+                    if owner is not None and not owner[0].ended:
+                        self.counts["failed"] += 1
+                        self._end_job(owner[0], ("error", f"generation failed: {type(e).__name__}"))
+                batch.drop(list(batch.rows))
 
     def _expire(self) -> None:
         """End cancelled and timed-out jobs (under the lock): their rows leave the batch now."""
@@ -183,7 +210,8 @@ class Scheduler:
     def _end_job(self, job: Job, event: tuple | None) -> None:
         for row in job.rows:
             row.end("cancelled" if event is None else event[0])
-        self.batch.drop(job.rows)
+        for batch in self.batches:
+            batch.drop(job.rows)
         if job in self._queue:
             self._queue.remove(job)
         job.ended = True
@@ -193,18 +221,23 @@ class Scheduler:
         if event is not None:
             job.emit([event])
 
-    def _admit(self) -> list[Row]:
-        """Rows of queued jobs, first come first served, while slots are free (under the lock)."""
-        room = self.max_active - len(self.batch.rows)
-        joining: list[Row] = []
-        while room > 0 and self._queue:
+    def _admit(self) -> list[tuple[DecodeBatch, list[Row]]]:
+        """Rows of queued jobs, first come first served, while slots are free, each to the group with
+        the fewest rows (under the lock)."""
+        sizes = [len(b.rows) for b in self.batches]
+        joins: dict[int, list[Row]] = {}
+        while self._queue and sum(sizes) < self.max_active:
             job = self._queue[0]
-            take, job.waiting = job.waiting[:room], job.waiting[room:]
-            joining += take
-            room -= len(take)
-            if not job.waiting:
-                self._queue.popleft()
-        return joining
+            while job.waiting and sum(sizes) < self.max_active:
+                g = min(range(len(sizes)), key=sizes.__getitem__)
+                if sizes[g] >= self.batch_rows:
+                    break
+                joins.setdefault(g, []).append(job.waiting.pop(0))
+                sizes[g] += 1
+            if job.waiting:
+                break
+            self._queue.popleft()
+        return [(self.batches[g], rows) for g, rows in joins.items()]
 
     def _dispatch(self, results: list[tuple[Row, str]]) -> None:
         """Turn a step's (row, text) pairs into one event list per job."""

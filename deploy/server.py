@@ -6,7 +6,8 @@ Endpoints: ``POST /v1/completions`` (plain and server-sent-event streaming), ``G
 Behaviour under load and bad input:
 - The language model runs under a continuous-batching scheduler (``deploy/scheduler.py``): one
   thread owns its ONNX Runtime session and advances every active sequence (up to ``max_active``)
-  by one token per step; a new request's prompt joins at the next step, finished ones leave at once.
+  by one token per round (in groups of ``batch_rows`` rows, one session call each); a new request's
+  prompt joins after the current call, finished ones leave at once.
   Up to ``queue_size`` requests wait for a slot; the next one gets 503 with ``Retry-After``.
   Classifier calls run on a small worker pool with the same kind of bound.
 - Each request has ``timeout_s`` from arrival (queueing included). A plain request that runs out of
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
 MAX_STOP_CHARS = 256
 SEED_MAX = 2**63 - 1
+CPU_BATCH_ROWS = 8  # default rows per decode call on CPU (ServerConfig.batch_rows)
 STALL_GRACE_S = 5.0  # past its deadline, a request stops waiting for a scheduler that stopped answering
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +338,13 @@ class ServedLM:
     def __init__(self, lm: Any, name: str, config: ServerConfig, version: str | None):
         self.lm, self.version = lm, version
         self.fingerprint = f"{name}:{version}" if version is not None else None
-        self.scheduler = Scheduler(lm, config.max_active, config.queue_size, name=version or name)
+        rows = config.batch_rows
+        if rows is None:  # CPU: groups of 8 keep most of the batching gain (the weights are read once per
+            # call) while a new prompt waits for a short call; a GPU wants every row in one call
+            rows = 0 if getattr(lm, "device", "cpu") == "cuda" else CPU_BATCH_ROWS
+        self.scheduler = Scheduler(
+            lm, config.max_active, config.queue_size, name=version or name, batch_rows=rows
+        )
 
 
 class _Models:

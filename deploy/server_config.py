@@ -16,6 +16,9 @@ class ServerConfig:
     host: str = "127.0.0.1"  # interface to bind; loopback unless you mean to expose the server
     port: int = 8000  # TCP port (0 picks a free one)
     max_active: int = 32  # sequences the language model decodes together (continuous batching; 1 = off)
+    batch_rows: int | None = (
+        None  # rows per decode call, groups taking turns so a new prompt waits for one short call (unset: 8 on CPU, all on CUDA; 0 = all)
+    )
     queue_size: int = 32  # requests that may wait for a sequence slot (or a classifier worker); beyond: 503
     workers: int = 2  # threads running classifier calls (the language model has its own scheduler thread)
     max_tokens_cap: int = 256  # largest max_tokens a completion request may ask for
@@ -52,6 +55,10 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ServerConfig.{name}={value!r} must be an integer >= 1")
+        if self.batch_rows is not None and (not isinstance(self.batch_rows, int) or self.batch_rows < 0):
+            raise ValueError(
+                f"ServerConfig.batch_rows={self.batch_rows!r} must be an integer >= 0 (0 = all rows)"
+            )
         if not isinstance(self.queue_size, int) or self.queue_size < 0:
             raise ValueError(f"ServerConfig.queue_size={self.queue_size!r} must be an integer >= 0")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:

@@ -91,9 +91,10 @@ def wait_until(predicate, timeout=10.0):
         time.sleep(0.005)
 
 
-def test_rows_joining_a_running_batch_give_the_tokens_they_give_alone(lm):
+@pytest.mark.parametrize("batch_rows", [0, 2])  # one group; groups of two taking turns
+def test_rows_joining_a_running_batch_give_the_tokens_they_give_alone(lm, batch_rows):
     slow = Gated(lm, delay=0.005)
-    sched = Scheduler(slow, max_active=8, max_queued=8)
+    sched = Scheduler(slow, max_active=8, max_queued=8, batch_rows=batch_rows)
     try:
         long = GenerationConfig(max_new_tokens=40, ignore_eos=True)
         first, a = submit(sched, lm, PROMPTS[0], long)
