@@ -79,6 +79,7 @@ def pipeline(
     quiet_defaults()
     configure(mlruns)
     t0 = time.perf_counter()
+    workdir = str(Path(workdir).resolve())  # results name absolute paths, valid from any directory
     corpus = pin_corpus(corpus)
     data_fp = data_fingerprint(corpus)
     model_cfg = ModelConfig.preset(preset)

@@ -25,7 +25,7 @@ LM_EVAL_MAX_BYTES = 200_000  # per split; documents in content-hash order, so ne
 class EvalSet:
     """What a candidate and a champion are both scored on, and how."""
 
-    name: str  # e.g. "lm:val+test of news/" or "task:bbc-topic:test"
+    name: str  # what the items are: "lm:val+test documents" or "task:bbc-topic:test"
     metric: str
     lower_is_better: bool
     items: list[Any] = field(repr=False)
@@ -70,7 +70,8 @@ def lm_eval_set(corpus: str, max_bytes: int = LM_EVAL_MAX_BYTES) -> EvalSet:
             f"corpus {corpus!r} has no val or test documents to compare models on; add documents "
             "(about 10 % of them fall in val/test)"
         )
-    return EvalSet(f"lm:val+test:{corpus}", "bits_per_byte", True, texts, _bits_per_byte)
+    # The name says what the items are, not where they came from: the hash is of content only.
+    return EvalSet("lm:val+test documents", "bits_per_byte", True, texts, _bits_per_byte)
 
 
 def _bits_per_byte(model: Any, texts: list[str]) -> float:

@@ -27,7 +27,8 @@ with get_client(sync_client=True) as client:
         out = {}
         for d in client.read_deployments():
             crons = [getattr(s.schedule, "cron", None) for s in (d.schedules or [])]
-            out[d.name] = {"entrypoint": d.entrypoint, "pool": d.work_pool_name, "crons": crons}
+            out[d.name] = {"entrypoint": d.entrypoint, "pool": d.work_pool_name, "crons": crons,
+                           "parameters": d.parameters}
         print(json.dumps(out))
     else:
         deadline = time.time() + float(sys.argv[2])
@@ -121,6 +122,8 @@ def test_prefect_yaml_deploys_schedules_and_runs_on_a_process_worker(tmp_path):
         assert set(deployments) == {"pipeline", "retrain"}
         assert deployments["retrain"]["crons"] == ["0 3 * * 1"]
         assert deployments["pipeline"]["crons"] == []
+        retrain = deployments["retrain"]["parameters"]
+        assert retrain["init_from"] == "models:/gptflow-lm@champion" and retrain["corpus"] != "bbc"
         assert all(d["pool"] == "gptflow" for d in deployments.values())
 
         start([PREFECT, "worker", "start", "--pool", "gptflow"], "worker", env)

@@ -86,7 +86,9 @@ def test_pipeline_runs_every_stage_and_tracks_it_in_mlflow(first_run):
         "pretrain",
         "finetune:bbc-topic",
         "evaluate:qa",
-        "export:gptflow-lm",
+        "export",
+        "register:gptflow-lm",
+        "register:gptflow-bbc-topic",
     } <= stages
     assert parent.data.params["preset"] == "tiny" and "train.lr" in parent.data.params
     assert "lm.val_bpb" in parent.data.metrics and "bbc-topic.model.accuracy" in parent.data.metrics
@@ -123,8 +125,9 @@ def test_worse_model_does_not_take_the_champion_alias(first_run):
     root, first, _ = first_run
     before = MlflowClient().get_model_version_by_alias("gptflow-lm", "champion").version
     result, _ = run_pipeline(root, "--pretrain-steps", "3")
-    promo = result["results"]["export_lm"]["promotion"]
+    promo = result["results"]["registry"]["gptflow-lm"]
     assert promo["alias"] == "challenger" and promo["candidate"] > promo["champion_before"]
+    assert promo["champion_version_before"] == int(before)  # re-scored on this run's eval set
     client = MlflowClient()
     assert client.get_model_version_by_alias("gptflow-lm", "champion").version == before  # unchanged
     assert int(client.get_model_version_by_alias("gptflow-lm", "challenger").version) == promo["version"]
