@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -255,18 +256,31 @@ def main() -> int:
     p.add_argument("--overload", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--overload-shape", default="124m", choices=["cpu", "124m"])
     p.add_argument("--overload-clients", type=int, default=160)
-    p.add_argument("--overload-timeout-s", type=float, default=10.0, help="the server's --timeout-s there")
+    p.add_argument("--overload-timeout-s", type=float, default=30.0, help="the server's --timeout-s there")
+    p.add_argument(
+        "--server-args",
+        default="--threads 1",
+        help="extra `gptflow serve` flags for every server (default: one ORT thread: the loopback clients "
+        "and the server's event loop share the cores with it)",
+    )
     p.add_argument("--cache-dir", type=Path, help="keep the exported random bundles here between runs")
     args = p.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     t_start = time.perf_counter()
-    report: dict = {"benchmark": "serve_load", "max_tokens": args.max_tokens, "cpu_count": os.cpu_count()}
+    report: dict = {
+        "benchmark": "serve_load",
+        "max_tokens": args.max_tokens,
+        "server_args": args.server_args,
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],  # another busy process skews every figure
+    }
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         cache = args.cache_dir or Path(tmp)
         cache.mkdir(parents=True, exist_ok=True)
         shapes = list(dict.fromkeys(args.shapes + ([args.overload_shape] if args.overload else [])))
         bundles = {s: random_bundle(cache, s) for s in shapes}
         common = ["--max-tokens-cap", str(max(args.max_tokens, 16)), "--context-policy", "sliding"]
+        common += shlex.split(args.server_args)
         for shape in args.shapes:
             report[shape] = {}
             for mode in args.modes:
@@ -312,6 +326,7 @@ def main() -> int:
 
             result, stats = run_server(bundles[args.overload_shape], extra, flood)
             report["overload"] = {"shape": args.overload_shape, **result, "scheduler_after": stats}
+    report["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(report, indent=2))
     return 0

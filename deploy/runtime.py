@@ -105,22 +105,31 @@ def _read_config(bundle: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is corrupt ({e}); re-run `gptflow export`") from e
 
 
-def load_bundle(bundle_dir: str | Path, providers: Sequence[str] | None = None) -> OnnxLM | OnnxClassifier:
-    """Open a bundle directory: an ``OnnxLM`` or an ``OnnxClassifier`` according to its config."""
+def load_bundle(
+    bundle_dir: str | Path, providers: Sequence[str] | None = None, threads: int = 0
+) -> OnnxLM | OnnxClassifier:
+    """Open a bundle directory: an ``OnnxLM`` or an ``OnnxClassifier`` according to its config.
+
+    ``threads``: ONNX Runtime intra-op threads (0 = its default, one per core). A server whose event
+    loop shares the cores with the model does better with one core fewer: ORT's threads wait for
+    the slowest of them at every operator.
+    """
     bundle = Path(bundle_dir)
     config = _read_config(bundle)
     kind = config.get("kind")
     if kind == "lm":
-        return OnnxLM(bundle, config, providers)
+        return OnnxLM(bundle, config, providers, threads)
     if kind == "classifier":
-        return OnnxClassifier(bundle, config, providers)
+        return OnnxClassifier(bundle, config, providers, threads)
     raise ValueError(f"{bundle / CONFIG_FILE}: kind={kind!r}, expected 'lm' or 'classifier'")
 
 
 class _Bundle:
     """What both kinds share: the session, the tokenizer, special ids and the context length."""
 
-    def __init__(self, bundle: Path, config: dict[str, Any], providers: Sequence[str] | None):
+    def __init__(
+        self, bundle: Path, config: dict[str, Any], providers: Sequence[str] | None, threads: int = 0
+    ):
         self.bundle = bundle
         self.config = config
         for name in (MODEL_FILE, TOKENIZER_FILE):
@@ -153,6 +162,8 @@ class _Bundle:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(
             str(bundle / MODEL_FILE), opts, providers=list(providers or default_providers())
         )
@@ -285,8 +296,10 @@ def _pick(
 class OnnxLM(_Bundle):
     """Generation with the KV cache over the exported decoder graph."""
 
-    def __init__(self, bundle: Path, config: dict[str, Any], providers: Sequence[str] | None = None):
-        super().__init__(bundle, config, providers)
+    def __init__(
+        self, bundle: Path, config: dict[str, Any], providers: Sequence[str] | None = None, threads: int = 0
+    ):
+        super().__init__(bundle, config, providers, threads)
         m = config["model"]
         self.n_layer, self.n_head = int(m["n_layer"]), int(m["n_head"])
         self.head_dim = int(m["n_embd"]) // self.n_head
@@ -658,8 +671,10 @@ class DecodeBatch:
 class OnnxClassifier(_Bundle):
     """Sequence classification: label and class probabilities per text."""
 
-    def __init__(self, bundle: Path, config: dict[str, Any], providers: Sequence[str] | None = None):
-        super().__init__(bundle, config, providers)
+    def __init__(
+        self, bundle: Path, config: dict[str, Any], providers: Sequence[str] | None = None, threads: int = 0
+    ):
+        super().__init__(bundle, config, providers, threads)
         self.labels = [str(x) for x in config.get("labels") or []]
         n = int(config["model"]["n_classes"])
         if len(self.labels) != n:

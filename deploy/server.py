@@ -859,13 +859,16 @@ def _stream(
 
 
 def load_models(
-    bundle: str | Path | None, classifier_bundles: list[str | Path] = (), providers: list[str] | None = None
+    bundle: str | Path | None,
+    classifier_bundles: list[str | Path] = (),
+    providers: list[str] | None = None,
+    threads: int = 0,
 ):
     """Load bundles: returns (language model or None, its default name, {classifier name: classifier})."""
     lm, lm_name, classifiers = None, "gptflow-lm", {}
     for path in ([bundle] if bundle else []) + list(classifier_bundles):
         path = Path(path)
-        model = load_bundle(path, providers=providers)
+        model = load_bundle(path, providers=providers, threads=threads)
         name = _bundle_name(path)
         if hasattr(model, "generate"):
             if lm is not None:

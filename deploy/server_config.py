@@ -19,6 +19,7 @@ class ServerConfig:
     batch_rows: int | None = (
         None  # rows per decode call, groups taking turns so a new prompt waits for one short call (unset: 8 on CPU, all on CUDA; 0 = all)
     )
+    threads: int = 0  # ONNX Runtime intra-op threads per model (0 = one per core)
     queue_size: int = 32  # requests that may wait for a sequence slot (or a classifier worker); beyond: 503
     workers: int = 2  # threads running classifier calls (the language model has its own scheduler thread)
     max_tokens_cap: int = 256  # largest max_tokens a completion request may ask for
@@ -58,6 +59,10 @@ class ServerConfig:
         if self.batch_rows is not None and (not isinstance(self.batch_rows, int) or self.batch_rows < 0):
             raise ValueError(
                 f"ServerConfig.batch_rows={self.batch_rows!r} must be an integer >= 0 (0 = all rows)"
+            )
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(
+                f"ServerConfig.threads={self.threads!r} must be an integer >= 0 (0 = one per core)"
             )
         if not isinstance(self.queue_size, int) or self.queue_size < 0:
             raise ValueError(f"ServerConfig.queue_size={self.queue_size!r} must be an integer >= 0")

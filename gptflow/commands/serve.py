@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
 
             bundle, uri_name, version = resolve(args.model_uri, Path(tmp))
             log.info("serving %s (version %s) from %s", args.model_uri, version, bundle)
-        lm, lm_name, classifiers = load_models(bundle, args.classifier, providers=args.providers)
+        lm, lm_name, classifiers = load_models(
+            bundle, args.classifier, providers=args.providers, threads=config.threads
+        )
         app = create_app(lm, classifiers, config, lm_name=uri_name or lm_name, version=version)
         if args.reload_interval > 0:
             parsed = parse_model_uri(args.model_uri or "")
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                 parsed[1],
                 version,
                 Path(tmp),
-                load=lambda path: load_bundle(path, providers=args.providers),
+                load=lambda path: load_bundle(path, providers=args.providers, threads=config.threads),
                 swap=app.state.models.swap,
                 interval_s=args.reload_interval,
             )
