@@ -26,9 +26,13 @@ def _runtime():
     return runtime
 
 
-def add_arguments(parser: argparse.ArgumentParser, texts: bool = True) -> None:
+def add_arguments(parser: argparse.ArgumentParser, texts: bool = True, bundle_required: bool = True) -> None:
     parser.add_argument(
-        "--bundle", required=True, type=Path, help="bundle directory written by `gptflow export`"
+        "--bundle",
+        required=bundle_required,
+        type=Path,
+        help="bundle directory written by `gptflow export`"
+        + ("" if bundle_required else " (default: the newest one in ./artifacts)"),
     )
     if texts:
         parser.add_argument(

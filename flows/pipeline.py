@@ -103,6 +103,12 @@ def pipeline(
             states[label], timings[label] = state, round(time.perf_counter() - t, 2)
             return result
 
+        def register(name: str, export: dict, make_eval_set, tags: dict) -> None:
+            """Register an exported bundle (unless it already is), promoted only on a fair win."""
+            results["registry"][name] = register_candidate(
+                export["bundle"], name, export["build"], make_eval_set, min_improvement, parent_id, tags
+            )
+
         parent = warm_start(init_from, fresh_tokenizer, data_fp, workdir)
         lineage = parent.lineage() if parent else {"init_from": SCRATCH}
         results["parent"] = lineage
@@ -146,15 +152,7 @@ def pipeline(
             TAG_CKPT: pre["checkpoint_uri"],
             TAG_CKPT_SHA: sha256_file(Path(pre["best"]) / "model.safetensors"),
         }
-        results["registry"][LM_MODEL_NAME] = register_candidate(
-            results["export_lm"]["bundle"],
-            LM_MODEL_NAME,
-            results["export_lm"]["build"],
-            functools.partial(lm_eval_set, corpus),
-            min_improvement,
-            parent_id,
-            tags=lm_tags,
-        )
+        register(LM_MODEL_NAME, results["export_lm"], functools.partial(lm_eval_set, corpus), lm_tags)
         for spec, task in zip(tasks, task_objs, strict=True):
             ft_cfg = FinetuneConfig.for_task(task, **({"epochs": finetune_epochs} if finetune_epochs else {}))
             ft = stage(
@@ -177,15 +175,8 @@ def pipeline(
                 entry["export"] = stage(
                     f"export:{task.name}", export_task, checkpoint=ft["best"], config=export_cfg.to_dict()
                 )
-                results["registry"][name] = register_candidate(
-                    entry["export"]["bundle"],
-                    name,
-                    entry["export"]["build"],
-                    functools.partial(task_eval_set, spec),
-                    min_improvement,
-                    parent_id,
-                    tags={TAG_DATA: data_fingerprint(spec), TAG_PARENT: lineage["init_from"]},
-                )
+                tags = {TAG_DATA: data_fingerprint(spec), TAG_PARENT: lineage["init_from"]}
+                register(name, entry["export"], functools.partial(task_eval_set, spec), tags)
             results["tasks"][task.name] = entry
         mlflow.log_metrics(_summary_metrics(results))
         mlflow.log_dict({"states": states, "timings_s": timings}, "pipeline_states.json")
@@ -200,6 +191,7 @@ def pipeline(
         "total_s": total,
         "results": results,
         "workdir": str(Path(workdir).resolve()),
+        "tracking_uri": mlflow.get_tracking_uri(),
     }
 
 
@@ -253,11 +245,9 @@ def render_report(preset, corpus, results, states, timings, total, run_id, workd
         "| task | metric | model | baselines |",
         "|---|---|---|---|",
     ]
-    for name, entry in results["tasks"].items():
-        report = entry["evaluate"]["metrics"]
-        metric = report.get("primary_metric")
-        baselines = ", ".join(f"{b} {_fmt(v.get(metric))}" for b, v in report.get("baselines", {}).items())
-        lines.append(f"| {name} | {metric} | {_fmt(report.get('metrics', {}).get(metric))} | {baselines} |")
+    for row in task_rows(results):
+        baselines = ", ".join(f"{b} {_fmt(v)}" for b, v in row["baselines"].items())
+        lines.append(f"| {row['task']} | {row['metric']} | {_fmt(row['model'])} | {baselines} |")
     lines += ["", "## Registry: candidate vs champion on the same data", ""]
     lines += [
         "| model | version | decision | metric | candidate | champion | eval set |",
@@ -274,6 +264,52 @@ def render_report(preset, corpus, results, states, timings, total, run_id, workd
     lines += ["", "## Stages", "", "| stage | state | seconds |", "|---|---|---|"]
     lines += [f"| {k} | {states[k]} | {timings[k]:.1f} |" for k in states]
     return "\n".join(lines) + "\n"
+
+
+def task_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each task's primary test metric beside its baselines, as in its evaluation's metrics.json."""
+    rows = []
+    for name, entry in results["tasks"].items():
+        report = entry["evaluate"]["metrics"]
+        metric = report.get("primary_metric")
+        rows.append(
+            {
+                "task": name,
+                "metric": metric,
+                "model": report.get("metrics", {}).get(metric),
+                "baselines": {b: v.get(metric) for b, v in report.get("baselines", {}).items()},
+                "bundle": entry.get("export", {}).get("bundle"),
+            }
+        )
+    return rows
+
+
+def render_summary(result: dict[str, Any]) -> str:
+    """What the main job achieved, for the terminal: metrics beside baselines, bundles, next commands."""
+    results = result["results"]
+    lm_bundle = results["export_lm"]["bundle"]
+    lm = results["registry"].get(LM_MODEL_NAME, {})
+    lines = ["", "What this run produced", ""]
+    lines.append(
+        f"  language model: val bits per byte {_fmt(results['pretrain'].get('val_bpb'))}"
+        f" ({LM_MODEL_NAME} v{lm.get('version')}{', ' + lm['alias'] if lm.get('alias') else ''})"
+    )
+    lines.append(f"  bundle: {lm_bundle}")
+    rows = task_rows(results)
+    if rows:
+        width = max(len(r["task"]) for r in rows) + 2
+        lines += ["", f"  {'task':{width}}{'metric':12}{'model':>8}   baselines (same test split)"]
+        for r in rows:
+            baselines = ", ".join(f"{b} {_fmt(v)}" for b, v in r["baselines"].items())
+            lines.append(f"  {r['task']:{width}}{r['metric']:12}{_fmt(r['model']):>8}   {baselines}")
+        lines += [f"  bundle ({r['task']}): {r['bundle']}" for r in rows if r["bundle"]]
+    lines += ["", "Next:", f'  gptflow generate --bundle {lm_bundle} "The market" -n 60']
+    classifier = next((r for r in rows if r["bundle"]), None)
+    if classifier:
+        lines.append(f'  gptflow classify --bundle {classifier["bundle"]} "Arsenal won the cup final"')
+    lines.append(f"  gptflow serve --bundle {lm_bundle}")
+    lines.append(f"  mlflow ui --backend-store-uri {result['tracking_uri']}")
+    return "\n".join(lines)
 
 
 def _fmt(value: Any) -> str:

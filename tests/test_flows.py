@@ -76,6 +76,7 @@ def test_pipeline_runs_every_stage_and_tracks_it_in_mlflow(first_run):
 
     client = MlflowClient()
     parent = client.get_run(result["run_id"])
+    assert parent.info.experiment_id == mlflow.get_experiment_by_name("gptflow").experiment_id
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result['run_id']}'"
     )
@@ -107,6 +108,34 @@ def test_pipeline_runs_every_stage_and_tracks_it_in_mlflow(first_run):
     model = mlflow.pyfunc.load_model("models:/gptflow-lm@champion")
     texts = model.predict(["The market"], params={"max_new_tokens": 8})
     assert len(texts) == 1 and isinstance(texts[0], str) and texts[0]
+
+
+@pytest.mark.slow
+def test_report_and_summary_show_the_numbers_of_metrics_json(first_run, monkeypatch, capsys):
+    from prefect.artifacts import Artifact
+
+    from flows.pipeline import REPORT_KEY, render_summary
+
+    root, result, _ = first_run
+    report = Artifact.get(REPORT_KEY).data
+    summary = render_summary(result)
+    for task in TASKS:
+        ev = json.loads(
+            (Path(result["results"]["tasks"][task]["evaluate"]["dir"]) / "metrics.json").read_text()
+        )
+        metric = ev["primary_metric"]
+        value = f"{ev['metrics'][metric]:.4f}"
+        assert f"| {task} | {metric} | {value} |" in report
+        assert any(line.split()[:3] == [task, metric, value] for line in summary.splitlines())
+        for name, baseline in ev["baselines"].items():
+            assert f"{name} {baseline[metric]:.4f}" in report and f"{name} {baseline[metric]:.4f}" in summary
+    bpb = f"{json.loads((Path(result['results']['pretrain']['dir']) / 'manifest.json').read_text())['metrics']['best_val_bpb']:.4f}"
+    assert f"val bits per byte: **{bpb}**" in report and f"val bits per byte {bpb}" in summary
+    assert f"gptflow generate --bundle {result['results']['export_lm']['bundle']}" in summary
+
+    monkeypatch.chdir(root)  # `gptflow generate` right after the pipeline finds its newest LM bundle
+    assert cli(["generate", "The market", "-n", "6"]) == 0
+    assert capsys.readouterr().out.strip()
 
 
 @pytest.mark.slow

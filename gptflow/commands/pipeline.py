@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from flows.common import quiet_defaults
 
     quiet_defaults()  # before prefect/mlflow are imported
-    from flows.pipeline import DEFAULT_TASKS, pipeline
+    from flows.pipeline import DEFAULT_TASKS, pipeline, render_summary
 
     result = pipeline(
         preset=args.preset,
@@ -95,4 +95,5 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"total {result['total_s']:.1f} s · MLflow run {result['run_id']} · outputs in {result['workdir']}"
         )
+        print(render_summary(result))
     return 0

@@ -1,0 +1,45 @@
+"""Which bundle a command uses when none is named: the newest pipeline output in ``./artifacts``.
+
+Torch-free (stdlib only), so ``gptflow generate`` / ``classify`` still run where torch is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUNDLE = "bundle"  # the folder an export stage writes its bundle into
+CONFIG = "config.json"
+
+
+def _kind(bundle: Path) -> str | None:
+    try:
+        return json.loads((bundle / CONFIG).read_text(encoding="utf-8")).get("kind", "lm")
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_bundle(path: str | Path | None, kind: str, workdir: str | Path = "artifacts") -> Path:
+    """``path`` itself, the ``bundle/`` inside a stage directory, or (None) the newest finished
+    export of ``kind`` (``lm`` or ``classifier``) under ``workdir``."""
+    if path is not None:
+        path = Path(path)
+        if not (path / CONFIG).is_file() and (path / BUNDLE / CONFIG).is_file():
+            return path / BUNDLE
+        return path
+    found = [
+        b
+        for b in Path(workdir).glob(f"export/*/{BUNDLE}")
+        if (b.parent / "manifest.json").is_file() and _kind(b) == kind
+    ]
+    if not found:
+        raise FileNotFoundError(
+            f"no exported {kind} bundle under {Path(workdir).resolve()}; run `gptflow pipeline` here "
+            "first, or pass --bundle DIR"
+        )
+    newest = max(found, key=lambda b: (b.parent / "manifest.json").stat().st_mtime_ns)
+    log.warning("using %s (the newest %s bundle in %s; --bundle picks another)", newest, kind, workdir)
+    return newest
