@@ -21,6 +21,10 @@ from gpt.train import Callbacks
 
 log = logging.getLogger(__name__)
 
+# mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI, so after the first configure() the
+# variable no longer says what the user chose: read it once, as the process found it.
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
 EXPERIMENT = "gptflow"
 LM_MODEL_NAME = "gptflow-lm"
 
@@ -28,12 +32,14 @@ LM_MODEL_NAME = "gptflow-lm"
 def configure(mlruns: str | Path = "mlruns", experiment: str = EXPERIMENT) -> str:
     """Point MLflow at the store and make the experiment the active one; returns its id."""
     mlruns = Path(mlruns).resolve()
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if _USER_TRACKING_URI:
+        mlflow.set_tracking_uri(_USER_TRACKING_URI)
+    else:
         mlruns.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(f"sqlite:///{mlruns / 'mlflow.db'}")
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
-        location = (mlruns / "artifacts").as_uri() if not os.environ.get("MLFLOW_TRACKING_URI") else None
+        location = None if _USER_TRACKING_URI else (mlruns / "artifacts").as_uri()
         mlflow.create_experiment(experiment, artifact_location=location)
     return mlflow.set_experiment(experiment).experiment_id  # runs land here, not in "Default"
 

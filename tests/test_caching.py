@@ -115,13 +115,15 @@ def test_code_change_changes_the_stage_key_and_directory(tmp_path, monkeypatch):
     source_hash.cache_clear()
 
 
-def test_tracking_store_is_part_of_the_cache_key_but_not_of_the_output_dir(tmp_path):
+def test_tracking_store_is_part_of_the_cache_key_but_not_of_the_output_dir(tmp_path, monkeypatch):
     def fn():  # stands in for a stage task's function
         pass
 
     context = SimpleNamespace(task=SimpleNamespace(name="shard", fn=fn))
     params = {"corpus": "bbc", "out_dir": str(tmp_path / "out"), "parent_run_id": "r1"}
     old = mlflow.get_tracking_uri()
+    # set_tracking_uri exports MLFLOW_TRACKING_URI; monkeypatch puts the variable back afterwards.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", old)
     try:
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'a.db'}")
         a = stage_cache_key(context, params)
@@ -141,3 +143,22 @@ def test_hub_corpus_pins_and_says_so_when_it_cannot(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert pin_corpus("hf:user/news") == "hf:user/news"
     assert "not pinned" in caplog.text
+
+
+def test_each_configure_in_one_process_uses_its_own_store(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: a second pipeline in the same process must
+    not mistake the first one's store for the user's choice."""
+    from flows import tracking
+
+    old = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", old)
+    monkeypatch.setattr(tracking, "_USER_TRACKING_URI", None)
+    try:
+        tracking.configure(tmp_path / "a")
+        first = mlflow.get_tracking_uri()
+        tracking.configure(tmp_path / "b")
+        second = mlflow.get_tracking_uri()
+    finally:
+        mlflow.set_tracking_uri(old)
+    assert first == f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    assert second == f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
