@@ -649,7 +649,7 @@ def test_gptflow_serve_cli_starts_answers_and_stops(bundles):
 
 
 @pytest.mark.slow
-def test_promoting_a_new_version_while_a_stream_runs(bundles, tmp_path, caplog):
+def test_promoting_a_new_version_while_a_stream_runs(bundles, tmp_path, caplog, monkeypatch):
     """The stream finishes on the old version, the next request is served by the new one; a version
     that fails to load keeps the old one and says why."""
     import logging
@@ -671,6 +671,10 @@ def test_promoting_a_new_version_while_a_stream_runs(bundles, tmp_path, caplog):
         mlflow.MlflowClient().set_registered_model_alias("gptflow-lm", "champion", version)
 
     old_uri = mlflow.get_tracking_uri()
+    # set_tracking_uri exports MLFLOW_TRACKING_URI; monkeypatch puts the environment back afterwards.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if not os.environ["MLFLOW_TRACKING_URI"]:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("serve", (tmp_path / "artifacts").as_uri()))
     try:
