@@ -38,6 +38,7 @@ from flows.registry import (
 from flows.shard import shard_task
 from flows.tokenizer import tokenizer_task
 from flows.tracking import LM_MODEL_NAME, configure, flat_params, numeric
+from gpt.checkpoint import WEIGHTS
 from gpt.config import ModelConfig
 from gpt.data import ShardConfig
 from gpt.export import ExportConfig
@@ -150,7 +151,7 @@ def pipeline(
             TAG_PARENT: lineage["init_from"],
             TAG_PARENT_SHA: lineage.get("sha256"),
             TAG_CKPT: pre["checkpoint_uri"],
-            TAG_CKPT_SHA: sha256_file(Path(pre["best"]) / "model.safetensors"),
+            TAG_CKPT_SHA: sha256_file(Path(pre["best"]) / WEIGHTS),
         }
         register(LM_MODEL_NAME, results["export_lm"], functools.partial(lm_eval_set, corpus), lm_tags)
         for spec, task in zip(tasks, task_objs, strict=True):

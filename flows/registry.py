@@ -25,13 +25,13 @@ from mlflow.exceptions import MlflowException
 
 from flows.promotion import EvalSet, decide
 from flows.tracking import log_bundle_model, stage_run
+from gpt.checkpoint import WEIGHTS
 from gpt.io import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCRATCH = "scratch"
-WEIGHTS = "model.safetensors"  # gpt.checkpoint.WEIGHTS (not imported: that module pulls in torch)
 TAG_BUILD = "gptflow.fingerprint"  # export-stage fingerprint: registering the same bundle twice is a no-op
 TAG_DATA = "gptflow.data_fingerprint"  # content hash of the corpus (or task file) the version saw
 TAG_PARENT = "gptflow.parent"  # "scratch", models:/NAME/VERSION, or a model directory

@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 from pathlib import Path
 
 import onnx
 import pytest
-import torch
+from lm_fixtures import random_lm_checkpoint
 
 from deploy.runtime import load_bundle
-from gpt.checkpoint import save_model
-from gpt.config import ModelConfig
-from gpt.model import GPT
-from gpt.tokenizer import Tokenizer, TokenizerConfig
 from gptflow.cli import main as cli
 
-TEXT = "The quick brown fox jumps over the lazy dog. Markets rose as investors cheered the news.\n" * 40
 PROMPTS = ["The quick brown fox", "Markets", "sea shells by the"]
 
 
@@ -28,16 +22,7 @@ PROMPTS = ["The quick brown fox", "Markets", "sea shells by the"]
 def exported(tmp_path_factory) -> tuple[Path, Path]:
     """A random tiny LM exported through the CLI with --triton-repo; (bundle, triton model dir)."""
     root = tmp_path_factory.mktemp("interop")
-    tok = Tokenizer.train([TEXT], root / "tok", TokenizerConfig(vocab_size=300))
-    torch.manual_seed(1)
-    # vocab = the tokenizer's pieces: our runtime never samples ids past them, other engines do not know that.
-    model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size))
-    with torch.no_grad():  # larger weights than GPT-2's init: greedy output that does not repeat one token
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(6.0)
-    save_model(root / "ckpt", model, tokenizer_hash=tok.hash)
-    shutil.copyfile(tok.path, root / "ckpt" / "tokenizer.model")
+    random_lm_checkpoint(root, seed=1)
     argv = ["export", "--checkpoint", str(root / "ckpt"), "--out", str(root / "bundle")]
     argv += ["--greedy-tokens", "8", "--parity-decode-steps", "4", "--triton-repo", str(root / "triton")]
     assert cli([*argv, "--triton-name", "gptflow-lm"]) == 0

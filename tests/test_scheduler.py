@@ -4,37 +4,23 @@ cancelled and timed-out jobs leave at the next step."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 
 import pytest
-import torch
+from lm_fixtures import random_lm_checkpoint
 
 from deploy.runtime import GenerationConfig, load_bundle
 from deploy.scheduler import Overloaded, Scheduler
-from gpt.checkpoint import save_model
-from gpt.config import ModelConfig
 from gpt.export import ExportConfig, export_bundle
-from gpt.model import GPT
-from gpt.tokenizer import Tokenizer, TokenizerConfig
 
-TEXT = "The quick brown fox jumps over the lazy dog. Markets rose as investors cheered the news.\n" * 40
 PROMPTS = ["The quick brown fox", "Markets", "sea shells by the", "", "news of the day"]
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("sched")
-    tok = Tokenizer.train([TEXT], root / "tok", TokenizerConfig(vocab_size=300))
-    torch.manual_seed(2)
-    model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, pos_encoding="rope"))
-    with torch.no_grad():  # larger weights than GPT-2's init: greedy output that does not repeat one token
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(6.0)
-    save_model(root / "ckpt", model, tokenizer_hash=tok.hash)
-    shutil.copyfile(tok.path, root / "ckpt" / "tokenizer.model")
+    random_lm_checkpoint(root, seed=2, pos_encoding="rope")
     export_bundle(root / "ckpt", root / "bundle", ExportConfig(greedy_tokens=0, parity_decode_steps=4))
     return load_bundle(root / "bundle")
 
