@@ -32,10 +32,11 @@ import torch
 from nanogpt_peer import run_nanogpt, unavailable  # beside this script
 
 from gpt.config import ModelConfig
+from gpt.device import autocast, resolve_precision
 from gpt.model import GPT
 from gpt.optim import build_optimizer, set_lr
 from gpt.tokenizer import Tokenizer, TokenizerConfig
-from gpt.train import autocast, evaluate_lm, resolve_precision
+from gpt.train import evaluate_lm
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 TARGET_BPB = 2.0  # issue #15, P2: within nanoGPT's measured wall time

@@ -32,9 +32,9 @@ import torch
 from nanogpt_peer import run_nanogpt, unavailable  # beside this script
 
 from gpt.config import ModelConfig
+from gpt.device import autocast
 from gpt.model import GPT
 from gpt.optim import build_optimizer
-from gpt.train import autocast
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 MODES = {  # name -> (autocast dtype, compile)

@@ -71,7 +71,7 @@ def greedy_complete(
     """
     import torch
 
-    from gpt.train import autocast
+    from gpt.device import autocast
 
     device = next(model.parameters()).device
     # Short contexts (tests, tiny models) split the window: at most half of it for new tokens.
@@ -144,8 +144,8 @@ def evaluate_pretrained(
     import torch.nn.functional as F
 
     from gpt.checkpoint import load_model
+    from gpt.device import resolve_device
     from gpt.tokenizer import MODEL_FILE, Tokenizer
-    from gpt.train import resolve_device
 
     if isinstance(texts, str):
         texts = [texts]
@@ -324,8 +324,8 @@ def evaluate(
     the un-finetuned baseline and bits per byte. ``max_examples`` caps completion test examples
     (default: the task's ``max_eval_examples``); classification always scores the whole split.
     """
+    from gpt.device import resolve_device, resolve_precision
     from gpt.io import atomic_write_json, write_manifest
-    from gpt.train import resolve_device, resolve_precision
 
     t_start = time.perf_counter()
     task = get_task(task)

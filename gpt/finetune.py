@@ -270,7 +270,7 @@ def class_log_probs(model, groups: list[list[list[int]]], batch_size: int, devic
     log-softmax, renormalised (a product of experts). Windows are batched by length (little padding)."""
     import torch
 
-    from gpt.train import autocast
+    from gpt.device import autocast
 
     flat = [(g, ids) for g, windows in enumerate(groups) for ids in windows]
     flat.sort(key=lambda item: len(item[1]))
@@ -295,7 +295,7 @@ def validate(model, data, kind: str, batch_size: int, device, amp=None) -> dict[
     import torch
     import torch.nn.functional as F
 
-    from gpt.train import autocast
+    from gpt.device import autocast
 
     if kind == "classification":
         log_probs = class_log_probs(model, [w for w, _ in data], batch_size, device, amp)
@@ -393,11 +393,11 @@ def finetune(
     from tqdm.auto import tqdm
 
     from gpt.checkpoint import load_model, save_model_dir, unwrap
+    from gpt.device import autocast, resolve_device, resolve_precision
     from gpt.io import sha256_file, write_manifest
     from gpt.lora import merge_lora
     from gpt.optim import build_optimizer, lr_at, set_lr
     from gpt.tokenizer import MODEL_FILE, Tokenizer
-    from gpt.train import autocast, resolve_device, resolve_precision
 
     t_start = time.perf_counter()
     task = get_task(task)

@@ -20,10 +20,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +49,7 @@ from gpt.checkpoint import (
 )
 from gpt.config import ModelConfig
 from gpt.data import IGNORE_INDEX, ShardDataset, TrainLoader, val_batches
+from gpt.device import Dist, autocast, dist_from_env, resolve_device, resolve_precision
 from gpt.io import MANIFEST, sha256_file, write_manifest
 from gpt.model import GPT
 from gpt.optim import build_optimizer, lr_at, set_lr
@@ -79,70 +78,6 @@ class Callbacks:
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         """After a training checkpoint directory is complete."""
-
-
-# --------------------------------------------------------------------------------------------
-# Runtime choices
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def _dist_from_env() -> Dist:
-    """Rank info from torchrun's environment; a single process without it."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Dist()
-    return Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("TrainConfig.device='cuda' but torch sees no CUDA device; use --device cpu or auto")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX); otherwise bf16 is slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
-        return True
-    mkldnn_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(mkldnn_bf16 and sys.platform == "linux" and mkldnn_bf16())
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = plain fp32). Master weights and the optimizer always stay fp32."""
-    if name == "fp32":
-        return None
-    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
-    if name == "bf16" and not supported and device.type == "cuda":
-        raise ValueError("TrainConfig.precision='bf16' but this GPU has no bf16; use --precision fp32")
-    if name == "bf16" or supported:
-        return torch.bfloat16
-    return None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +213,7 @@ def train(
     cfg = train_config
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     callbacks = callbacks or Callbacks()
-    dist_info = _dist_from_env()
+    dist_info = dist_from_env()
     device = resolve_device(cfg.device, dist_info.local_rank)
     own_process_group = False
     if dist_info.enabled and not dist.is_initialized():
