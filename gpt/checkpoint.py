@@ -129,6 +129,18 @@ def save_model_dir(
     return out_dir
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model dir as given, or the ``best/`` inside a pretraining or finetuning run dir."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    if (path / "best" / META).is_file():
+        return path / "best"
+    raise FileNotFoundError(
+        f"{path} holds no model.json (nor best/model.json); pass a model or run directory"
+    )
+
+
 def step_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
 
@@ -163,12 +175,15 @@ def save_training_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     tokenizer_path: str | Path | None = None,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     **meta: Any,
 ) -> Path:
     """Write model + optimizer + ``trainer_state`` (JSON-able) as one atomic checkpoint directory.
 
     ``meta`` goes into model.json (tokenizer_hash, step, val metrics) so the directory also loads
-    with :func:`load_model`. Checksums of the files land in trainer_state.json, written last.
+    with :func:`load_model`. ``extra_tensors`` (name -> state dict) land beside as ``name.safetensors``
+    (finetuning keeps its best weights there). Checksums of the files land in trainer_state.json,
+    written last.
     """
     ckpt_dir = Path(ckpt_dir)
     with atomic_dir(ckpt_dir) as tmp:
@@ -178,8 +193,13 @@ def save_training_checkpoint(
         tensors, opt_meta = flatten_optimizer_state(optimizer)
         with atomic_path(tmp / OPTIMIZER) as t:
             save_file(tensors, str(t), metadata={"format": "pt"})
-        files = {name: sha256_file(tmp / name) for name in (WEIGHTS, META, OPTIMIZER)}
-        atomic_write_json(tmp / TRAINER_STATE, {**trainer_state, "optimizer": opt_meta, "files": files})
+        extra = sorted(extra_tensors or {})
+        for name in extra:
+            save_file(extra_tensors[name], str(tmp / f"{name}.safetensors"))
+        names = (WEIGHTS, META, OPTIMIZER, *(f"{name}.safetensors" for name in extra))
+        files = {name: sha256_file(tmp / name) for name in names}
+        state = {**trainer_state, "optimizer": opt_meta, "extra": extra, "files": files}
+        atomic_write_json(tmp / TRAINER_STATE, state)
     return ckpt_dir
 
 
@@ -191,6 +211,7 @@ class TrainingCheckpoint:
     optimizer_state: dict[str, Any]  # ready for optimizer.load_state_dict
     trainer_state: dict[str, Any]
     meta: dict[str, Any]  # model.json
+    extra: dict[str, dict[str, torch.Tensor]]  # the extra_tensors it was saved with
 
 
 def load_training_checkpoint(ckpt_dir: str | Path) -> TrainingCheckpoint:
@@ -208,10 +229,11 @@ def load_training_checkpoint(ckpt_dir: str | Path) -> TrainingCheckpoint:
         model_state = load_state_dict(ckpt_dir / WEIGHTS)
         opt_tensors = load_state_dict(ckpt_dir / OPTIMIZER)
         optimizer_state = unflatten_optimizer_state(opt_tensors, state["optimizer"])
+        extra = {name: load_state_dict(ckpt_dir / f"{name}.safetensors") for name in state.get("extra", [])}
         step = int(state["step"])
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise ValueError(f"training checkpoint {ckpt_dir} is corrupt or incomplete: {e}. {previous}") from e
-    return TrainingCheckpoint(ckpt_dir, step, model_state, optimizer_state, state, meta)
+    return TrainingCheckpoint(ckpt_dir, step, model_state, optimizer_state, state, meta, extra)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -264,3 +286,24 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
             if not d.name.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(d, ignore_errors=True)
     return removed
+
+
+def check_same_model(saved: dict[str, Any], wanted: ModelConfig, where: Path) -> None:
+    """Refuse to continue ``where`` (a checkpoint or init model) with another model config."""
+    diff = {k: (saved.get(k), v) for k, v in wanted.to_dict().items() if saved.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(
+            f"model config differs from the checkpoint {where} ({shown}); resume with the same model "
+            "settings (same preset and --model-* flags), or start a new run in another --out directory"
+        )
+
+
+def check_same_tokenizer(saved_hash: str | None, data_hash: str, where: Path, data_dir: Path) -> None:
+    """Refuse shards made with another tokenizer than the one ``where`` was trained with."""
+    if saved_hash is not None and saved_hash != data_hash:
+        raise ValueError(
+            f"{where} was trained with tokenizer {saved_hash[:12]}, but the shards in {data_dir} were made "
+            f"with tokenizer {data_hash[:12]}; use shards made with the checkpoint's tokenizer.model "
+            "(re-shard the corpus with it), or start a new run"
+        )

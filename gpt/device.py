@@ -44,6 +44,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch sees no CUDA device; use --device cpu or auto")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (training is bf16 anyway)
+        torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 

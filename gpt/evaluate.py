@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt.finetune import EOS_ID, PAD_ID, classification_windows, encode_prompt
 from gpt.metrics import classification_metrics, completion_metrics
+from gpt.task_data import EOS_ID, PAD_ID, classification_windows, encode_prompt
 from gpt.tasks import Example, Task, check_labels, get_task, load_task_splits
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def predict_classes(
     windows: int = 1,
 ) -> list[int]:
     """Class ids; a text longer than one window is read in up to ``windows`` windows (mean log-probs)."""
-    from gpt.finetune import class_log_probs
+    from gpt.task_model import class_log_probs
 
     device = next(model.parameters()).device
     groups = [classification_windows(tokenizer, task, t, max_len, windows) for t in texts]

@@ -127,7 +127,8 @@ def classifier(tok, tmp_path_factory):
 
 def test_classifier_bundle_reads_texts_as_finetuning_did(classifier, tok):
     """Same windows (template, EOS, max_len, several windows per long text) and the same mean log-probs."""
-    from gpt.finetune import class_log_probs, classification_windows
+    from gpt.task_data import classification_windows
+    from gpt.task_model import class_log_probs
     from gpt.tasks import Task
 
     model, result, _ = classifier

@@ -4,29 +4,32 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gpt.checkpoint import load_model, save_model
 from gpt.config import ModelConfig
-from gpt.finetune import (
-    IGNORE_INDEX,
-    FinetuneConfig,
-    class_log_probs,
-    classification_windows,
-    completion_loss,
-    encode_completion,
-    finetune,
-    set_trainable,
-)
+from gpt.finetune import FinetuneConfig, finetune
 from gpt.lora import LoRALinear, apply_lora, merge_lora
 from gpt.model import GPT
+from gpt.task_data import IGNORE_INDEX, classification_windows, encode_completion
+from gpt.task_model import class_log_probs, completion_loss, set_trainable
 from gpt.tasks import Example, Task
 from gpt.tokenizer import Tokenizer, TokenizerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+# One thread per process: the runs compared bit for bit must do their sums in the same order.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 FILLER = [
     "the",
@@ -145,7 +148,7 @@ def test_classification_finetune_beats_chance(keyword_task, tmp_path):
     assert model.score is not None and (tmp_path / "ft" / "best" / "tokenizer.model").is_file()
     manifest = json.loads((tmp_path / "ft" / "manifest.json").read_text())
     assert manifest["metrics"]["steps"] == result["steps"]
-    assert not (tmp_path / "ft" / "state").exists()  # resumable state is removed once the run completes
+    assert not (tmp_path / "ft" / "checkpoints").exists()  # resumable state is removed once the run completes
 
 
 def test_classification_windows_read_a_long_input_in_order(keyword_task):
@@ -263,41 +266,60 @@ def test_config_rejects_bad_values_naming_the_field():
 
 
 @pytest.mark.slow
-def test_resume_after_crash_matches_uninterrupted_run(keyword_task, tmp_path):
+def test_resume_after_sigkill_is_bitwise_identical(keyword_task, tmp_path):
+    """Like pretraining's: one run killed at a random moment after a checkpoint, then resumed,
+    against one uninterrupted run; every step's loss, the history and the best weights agree exactly."""
     task_file, ckpt = keyword_task
-    cfg = FinetuneConfig(
-        method="lora",
-        max_steps=12,
-        eval_every=4,
-        batch_size=8,
-        lr=1e-3,
-        dropout=0.1,
-        precision="fp32",
-        patience=0,
-    )
-    whole = finetune(str(task_file), ckpt, tmp_path / "whole", cfg)
+    args = [
+        sys.executable,
+        "-m",
+        "gptflow.cli",
+        "finetune",
+        "--task",
+        str(task_file),
+        "--checkpoint",
+        str(ckpt),
+    ]
+    args += [
+        "--method",
+        "lora",
+        "--max-steps",
+        "60",
+        "--eval-every",
+        "4",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+    ]
+    args += ["--dropout", "0.1", "--precision", "fp32", "--patience", "0"]
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    a = subprocess.Popen([*args, "--out", str(run_a)], env=ENV, cwd=REPO, stderr=subprocess.DEVNULL)
+    b = subprocess.Popen([*args, "--out", str(run_b)], env=ENV, cwd=REPO, stderr=subprocess.DEVNULL)
+    ready = run_b / "checkpoints" / "step-000008" / "trainer_state.json"
+    deadline = time.monotonic() + 120
+    while not ready.exists() and b.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert ready.exists(), "run B never wrote its step-8 checkpoint"
+    delay = random.Random(os.getpid()).uniform(0.0, 0.1)
+    time.sleep(delay)
+    b.send_signal(signal.SIGKILL)
+    b.wait()
+    assert b.returncode == -signal.SIGKILL, f"run B finished before the kill (delay {delay:.3f}s)"
+    assert not (run_b / "manifest.json").exists()  # a killed run never looks complete
+    subprocess.run([*args, "--out", str(run_b)], env=ENV, cwd=REPO, check=True, capture_output=True)
+    assert a.wait(timeout=120) == 0
 
-    class Crash(RuntimeError):
-        pass
+    def losses(run: Path) -> dict[int, float]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
-    class CrashAt:
-        def on_step(self, step, metrics):
-            if step == 6:
-                raise Crash
-
-    with pytest.raises(Crash):
-        finetune(str(task_file), ckpt, tmp_path / "resumed", cfg, callbacks=CrashAt())
-    assert not (tmp_path / "resumed" / "manifest.json").exists()  # a crashed run never looks complete
-    steps_seen = []
-
-    class Count:
-        def on_step(self, step, metrics):
-            steps_seen.append(step)
-
-    resumed = finetune(str(task_file), ckpt, tmp_path / "resumed", cfg, callbacks=Count())
-    assert steps_seen[0] == 5  # continued after the checkpoint at step 4
-    assert [r["val_loss"] for r in resumed["history"]] == [r["val_loss"] for r in whole["history"]]
-    a, _ = load_model(tmp_path / "whole" / "best")
-    b, _ = load_model(tmp_path / "resumed" / "best")
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(pa, pb), name
+    assert losses(run_a) == losses(run_b) and sorted(losses(run_b)) == list(range(1, 61))
+    hist_a, hist_b = (json.loads((r / "manifest.json").read_text())["history"] for r in (run_a, run_b))
+    assert hist_a == hist_b and len(hist_a) == 15
+    for run in (run_a, run_b):
+        assert not (run / "checkpoints").exists()  # a finished run keeps only best/
+    wa, wb = (load_file(str(r / "best" / "model.safetensors")) for r in (run_a, run_b))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
