@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deploy.runtime import GenerationConfig, load_bundle  # noqa: E402
+from gpt.bundle import ONNX_FILE, TOKENIZER_FILE, BundleConfig  # noqa: E402
 from gpt.config import ModelConfig  # noqa: E402
-from gpt.export import SPECIAL_IDS, export_onnx, quantize_int8  # noqa: E402
+from gpt.export import export_onnx, quantize_int8  # noqa: E402
 from gpt.generate import generate  # noqa: E402
-from gpt.io import atomic_write_json, sha256_file  # noqa: E402
+from gpt.io import sha256_file  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 
@@ -46,25 +47,15 @@ def make_bundle(model: GPT, tokenizer: Path, out: Path, int8: bool) -> tuple[Pat
     """A bundle without the parity check (that is the tests' job): graph, tokenizer, config."""
     fp32 = out / "fp32"
     fp32.mkdir(parents=True)
-    export_onnx(model, fp32 / "model.onnx")
-    shutil.copyfile(tokenizer, fp32 / "tokenizer.model")
-    cfg = model.config
-    atomic_write_json(
-        fp32 / "config.json",
-        {
-            "kind": "lm",
-            "model": cfg.to_dict(),
-            "context_length": cfg.block_size,
-            "special_ids": SPECIAL_IDS,
-            "tokenizer_sha256": sha256_file(tokenizer),
-        },
-    )
+    export_onnx(model, fp32 / ONNX_FILE)
+    shutil.copyfile(tokenizer, fp32 / TOKENIZER_FILE)
+    BundleConfig(kind="lm", model=model.config.to_dict(), tokenizer_hash=sha256_file(tokenizer)).write(fp32)
     if not int8:
         return fp32, None
     q = out / "int8"
     shutil.copytree(fp32, q)
-    (q / "model.onnx").unlink()
-    quantize_int8(fp32 / "model.onnx", q / "model.onnx")
+    (q / ONNX_FILE).unlink()
+    quantize_int8(fp32 / ONNX_FILE, q / ONNX_FILE)
     return fp32, q
 
 

@@ -43,15 +43,16 @@ def random_bundle(out: Path, shape: str) -> Path:
     import torch
 
     sys.path.insert(0, str(ROOT))
+    from gpt.bundle import CONFIG_FILE, ONNX_FILE, TOKENIZER_FILE, BundleConfig
     from gpt.config import ModelConfig
     from gpt.corpora import load_corpus
-    from gpt.export import SPECIAL_IDS, export_onnx
-    from gpt.io import atomic_write_json, sha256_file
+    from gpt.export import export_onnx
+    from gpt.io import sha256_file
     from gpt.model import GPT
     from gpt.tokenizer import Tokenizer, TokenizerConfig
 
     bundle = out / shape
-    if (bundle / "config.json").is_file():
+    if (bundle / CONFIG_FILE).is_file():
         return bundle
     # A 4096-piece BPE on BBC News: prompts are a few tokens, and the random model's output is mostly
     # whole pieces (a tiny vocabulary is mostly byte pieces, whose text is held back until complete).
@@ -63,20 +64,12 @@ def random_bundle(out: Path, shape: str) -> Path:
     tmp = out / f".{shape}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    export_onnx(model, tmp / "model.onnx")
-    shutil.copyfile(tok.path, tmp / "tokenizer.model")
-    cfg = model.config
-    atomic_write_json(
-        tmp / "config.json",
-        {
-            "kind": "lm",
-            "name": f"random-{shape}",
-            "model": cfg.to_dict(),
-            "context_length": cfg.block_size,
-            "special_ids": SPECIAL_IDS,
-            "tokenizer_sha256": sha256_file(tok.path),
-        },
+    export_onnx(model, tmp / ONNX_FILE)
+    shutil.copyfile(tok.path, tmp / TOKENIZER_FILE)
+    config = BundleConfig(
+        kind="lm", model=model.config.to_dict(), tokenizer_hash=sha256_file(tok.path), name=f"random-{shape}"
     )
+    config.write(tmp)
     tmp.rename(bundle)
     return bundle
 

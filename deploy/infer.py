@@ -17,12 +17,13 @@ from pathlib import Path
 
 
 def _runtime():
-    """deploy.runtime when the package is importable, else the runtime.py beside this file."""
+    """deploy.runtime when the package is importable, else the one beside this file (the folder that
+    holds deploy/ also holds gpt/, for the bundle format)."""
     try:
         from deploy import runtime
     except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import runtime  # type: ignore[no-redef]
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from deploy import runtime
     return runtime
 
 
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace, mode: str | None = None) -> int:
     kind = "generate" if isinstance(model, rt.OnnxLM) else "classify"
     if mode and mode != kind:
         need = "an LM" if mode == "generate" else "a classifier"
-        raise ValueError(f"{args.bundle} holds {model.config['kind']!r} model; `{mode}` needs {need} bundle")
+        raise ValueError(f"{args.bundle} holds {model.config.kind!r} model; `{mode}` needs {need} bundle")
     texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin]
     if kind == "classify":
         for text, result in zip(texts, model.classify(texts), strict=True):

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gpt.bundle import CONFIG_FILE, ONNX_FILE
+
 log = logging.getLogger(__name__)
 
 
@@ -33,10 +35,10 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None] | None:
 
 def find_bundle(local: Path, uri: str) -> Path:
     """The bundle (a directory with config.json and model.onnx) inside a downloaded MLflow model."""
-    candidates = sorted(p.parent for p in local.rglob("config.json") if (p.parent / "model.onnx").is_file())
+    candidates = sorted(p.parent for p in local.rglob(CONFIG_FILE) if (p.parent / ONNX_FILE).is_file())
     if not candidates:
         raise FileNotFoundError(
-            f"{uri} downloaded to {local} holds no bundle (a directory with config.json and model.onnx); "
+            f"{uri} downloaded to {local} holds no bundle (a directory with {CONFIG_FILE} and {ONNX_FILE}); "
             "log the model with its bundle under the artifact key 'bundle'"
         )
     return candidates[0]

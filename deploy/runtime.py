@@ -1,5 +1,6 @@
 """Torch-free inference over an exported gptflow bundle (``gptflow export``): onnxruntime, numpy and
-sentencepiece only, so this file and a bundle directory are all a machine without torch needs.
+sentencepiece only, so this file, ``gpt/bundle.py`` + ``gpt/io.py`` (the bundle format, standard library
+only) and a bundle directory are all a machine without torch needs.
 
     lm = load_bundle("artifacts/bundle")
     lm.generate("The market", max_new_tokens=40)[0].text
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +28,16 @@ import numpy as np
 import onnxruntime as ort
 import sentencepiece as spm
 
-MODEL_FILE = "model.onnx"
-TOKENIZER_FILE = "tokenizer.model"
-CONFIG_FILE = "config.json"
+from gpt.bundle import (
+    CONFIG_FILE,
+    ONNX_FILE,
+    TOKENIZER_FILE,
+    BundleConfig,
+    classification_windows,
+    lm_io_names,
+    window_room,
+)
+
 CONTEXT_POLICIES = ("error", "sliding")
 _REPLACEMENT = "\ufffd"  # what sentencepiece decodes an incomplete UTF-8 byte sequence to
 
@@ -91,20 +98,6 @@ def default_providers() -> list[str]:
     ]
 
 
-def _read_config(bundle: Path) -> dict[str, Any]:
-    path = bundle / CONFIG_FILE
-    if not bundle.is_dir():
-        raise FileNotFoundError(f"bundle directory not found: {bundle}; create one with `gptflow export`")
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: {bundle} is not a complete bundle; re-run `gptflow export`"
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is corrupt ({e}); re-run `gptflow export`") from e
-
-
 def load_bundle(
     bundle_dir: str | Path, providers: Sequence[str] | None = None, threads: int = 0
 ) -> OnnxLM | OnnxClassifier:
@@ -115,57 +108,49 @@ def load_bundle(
     the slowest of them at every operator.
     """
     bundle = Path(bundle_dir)
-    config = _read_config(bundle)
-    kind = config.get("kind")
-    if kind == "lm":
+    config = BundleConfig.read(bundle)
+    if config.kind == "lm":
         return OnnxLM(bundle, config, providers, threads)
-    if kind == "classifier":
-        return OnnxClassifier(bundle, config, providers, threads)
-    raise ValueError(f"{bundle / CONFIG_FILE}: kind={kind!r}, expected 'lm' or 'classifier'")
+    return OnnxClassifier(bundle, config, providers, threads)
 
 
 class _Bundle:
     """What both kinds share: the session, the tokenizer, special ids and the context length."""
 
-    def __init__(
-        self, bundle: Path, config: dict[str, Any], providers: Sequence[str] | None, threads: int = 0
-    ):
+    def __init__(self, bundle: Path, config: BundleConfig, providers: Sequence[str] | None, threads: int = 0):
         self.bundle = bundle
         self.config = config
-        for name in (MODEL_FILE, TOKENIZER_FILE):
+        for name in (ONNX_FILE, TOKENIZER_FILE):
             if not (bundle / name).is_file():
                 raise FileNotFoundError(
                     f"{bundle / name} is missing: the bundle is incomplete; re-run `gptflow export`"
                 )
         data = (bundle / TOKENIZER_FILE).read_bytes()
-        expected = config.get("tokenizer_sha256")
+        expected = config.tokenizer_hash
         digest = hashlib.sha256(data).hexdigest()
-        if expected and digest != expected:
+        if digest != expected:
             raise ValueError(
                 f"{bundle / TOKENIZER_FILE} (sha256 {digest[:12]}) is not the tokenizer this model was exported "
-                f"with (sha256 {expected[:12]}); restore the bundle's own tokenizer.model or re-export"
+                f"with (sha256 {expected[:12]}); restore the bundle's own {TOKENIZER_FILE} or re-export"
             )
         self.tokenizer = spm.SentencePieceProcessor()
         self.tokenizer.LoadFromSerializedProto(data)
-        model_cfg = config["model"]
-        if self.tokenizer.get_piece_size() > model_cfg["vocab_size"]:
+        if self.tokenizer.get_piece_size() > config.vocab_size:
             raise ValueError(
                 f"tokenizer has {self.tokenizer.get_piece_size()} pieces but the model only "
-                f"{model_cfg['vocab_size']} ids; the bundle mixes a model and a tokenizer that do not belong together"
+                f"{config.vocab_size} ids; the bundle mixes a model and a tokenizer that do not belong together"
             )
-        special = config.get("special_ids", {})
-        self.pad_id = int(special.get("pad", 0))
-        self.bos_id = int(special.get("bos", 2))
-        self.eos_id = int(special.get("eos", 3))
-        self.max_context = int(config["context_length"])
-        self.add_bos = bool(config.get("add_bos", False))
+        special = config.special_ids
+        self.pad_id, self.bos_id, self.eos_id = special["pad"], special["bos"], special["eos"]
+        self.max_context = config.context_length
+        self.add_bos = config.add_bos
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(
-            str(bundle / MODEL_FILE), opts, providers=list(providers or default_providers())
+            str(bundle / ONNX_FILE), opts, providers=list(providers or default_providers())
         )
         self.providers = self.session.get_providers()
 
@@ -297,17 +282,14 @@ class OnnxLM(_Bundle):
     """Generation with the KV cache over the exported decoder graph."""
 
     def __init__(
-        self, bundle: Path, config: dict[str, Any], providers: Sequence[str] | None = None, threads: int = 0
+        self, bundle: Path, config: BundleConfig, providers: Sequence[str] | None = None, threads: int = 0
     ):
         super().__init__(bundle, config, providers, threads)
-        m = config["model"]
-        self.n_layer, self.n_head = int(m["n_layer"]), int(m["n_head"])
-        self.head_dim = int(m["n_embd"]) // self.n_head
-        self.vocab_size = int(m["vocab_size"])
+        self.n_layer, self.n_head, self.head_dim = config.n_layer, config.n_head, config.head_dim
+        self.vocab_size = config.vocab_size
         self.n_pieces = self.tokenizer.get_piece_size()
-        kv = [(i, k) for i in range(self.n_layer) for k in ("key", "value")]
-        self.past_names = [f"past_key_values.{i}.{k}" for i, k in kv]
-        self.output_names = ["logits"] + [f"present.{i}.{k}" for i, k in kv]
+        inputs, self.output_names = lm_io_names(self.n_layer)
+        self.past_names = inputs[3:]
         # On CUDA the cache stays on the device between steps (IOBinding); on CPU plain run() is as fast.
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         self.use_io_binding = self.device == "cuda"
@@ -672,32 +654,24 @@ class OnnxClassifier(_Bundle):
     """Sequence classification: label and class probabilities per text."""
 
     def __init__(
-        self, bundle: Path, config: dict[str, Any], providers: Sequence[str] | None = None, threads: int = 0
+        self, bundle: Path, config: BundleConfig, providers: Sequence[str] | None = None, threads: int = 0
     ):
         super().__init__(bundle, config, providers, threads)
-        self.labels = [str(x) for x in config.get("labels") or []]
-        n = int(config["model"]["n_classes"])
-        if len(self.labels) != n:
-            raise ValueError(f"{bundle / CONFIG_FILE}: {len(self.labels)} labels for {n} classes; re-export")
-        spec = config.get("classifier_input") or {}
-        template = str(spec.get("prompt_template", "{input}"))
-        if "{input}" not in template:
-            raise ValueError(f"{bundle / CONFIG_FILE}: classifier_input.prompt_template lacks '{{input}}'")
-        pre, post = template.split("{input}", 1)
+        self.labels = list(config.labels or [])
+        spec = config.classifier_input
+        pre, post = spec.template_parts()
         self._pre, self._post = self.encode(pre) if pre else [], self.encode(post) if post else []
-        self.max_len = min(int(spec.get("max_len", self.max_context)), self.max_context)
-        self.windows = max(1, int(spec.get("windows", 1)))
-        self._room = self.max_len - 2 - len(self._pre) - len(self._post)
-        if self._room < 1:
-            raise ValueError(f"{bundle / CONFIG_FILE}: classifier_input.max_len leaves no room for the text")
+        self.max_len, self.windows = spec.max_len, spec.windows
+        try:
+            window_room(self._pre, self._post, self.max_len)
+        except ValueError as e:
+            raise ValueError(f"{bundle / CONFIG_FILE}: classifier_input: {e}") from e
 
     def input_windows(self, text: str) -> list[list[int]]:
-        """The token windows finetuning trained on (gpt.finetune.classification_windows, repeated here)."""
-        ids, room = self.encode(text), self._room
-        pieces = [ids[i : i + room] for i in range(0, len(ids), room)][: self.windows] or [[]]
-        if len(pieces) > 1 and len(pieces[-1]) < room / 4:
-            pieces.pop()
-        return [[self.eos_id, *self._pre, *p, *self._post, self.eos_id] for p in pieces]
+        """The token windows finetuning trained on (gpt.bundle.classification_windows)."""
+        return classification_windows(
+            self.encode(text), self._pre, self._post, self.max_len, self.windows, self.eos_id
+        )
 
     def logits(self, ids: list[list[int]]) -> np.ndarray:
         """Class logits (B, n_classes) for token id lists (right-padded here; truncated to the context)."""

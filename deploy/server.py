@@ -869,7 +869,7 @@ def load_models(
     for path in ([bundle] if bundle else []) + list(classifier_bundles):
         path = Path(path)
         model = load_bundle(path, providers=providers, threads=threads)
-        name = _bundle_name(path)
+        name = model.config.name or path.resolve().name  # config.json's name, else the directory's
         if hasattr(model, "generate"):
             if lm is not None:
                 raise ValueError(f"{path} is a second language model; a server hosts one (plus classifiers)")
@@ -881,14 +881,6 @@ def load_models(
                 )
             classifiers[name] = model
     return lm, lm_name, classifiers
-
-
-def _bundle_name(path: Path) -> str:
-    with contextlib.suppress(OSError, ValueError):
-        name = json.loads((path / "config.json").read_text(encoding="utf-8")).get("name")
-        if isinstance(name, str) and name:
-            return name
-    return path.resolve().name
 
 
 def build_server(

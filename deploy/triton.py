@@ -18,6 +18,8 @@ from pathlib import Path
 
 import onnx
 
+from gpt.bundle import CONFIG_FILE, GENAI_CONFIG_FILE, ONNX_FILE, TOKENIZER_FILE
+
 # ONNX element type -> Triton data type
 _TRITON_TYPES = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
@@ -30,7 +32,7 @@ _TRITON_TYPES = {
     onnx.TensorProto.UINT8: "TYPE_UINT8",
     onnx.TensorProto.BOOL: "TYPE_BOOL",
 }
-BUNDLE_FILES = ("tokenizer.model", "config.json", "genai_config.json")
+BUNDLE_FILES = (TOKENIZER_FILE, CONFIG_FILE, GENAI_CONFIG_FILE)
 
 
 def graph_io(model_path: Path) -> tuple[list[dict], list[dict]]:
@@ -82,7 +84,7 @@ def write_triton_repo(
 ) -> Path:
     """Add ``bundle``'s graph to the Triton model repository ``repo`` as model ``name``; returns its directory."""
     bundle, repo = Path(bundle), Path(repo)
-    graph = bundle / "model.onnx"
+    graph = bundle / ONNX_FILE
     if not graph.is_file():
         raise FileNotFoundError(
             f"{graph} not found: {bundle} is not an exported bundle (run `gptflow export`)"
@@ -95,7 +97,7 @@ def write_triton_repo(
         shutil.rmtree(version_dir)
     version_dir.mkdir(parents=True)
     for path in bundle.iterdir():  # the graph and its external data files, if any
-        if path.name.startswith("model.onnx") or path.name in BUNDLE_FILES:
+        if path.name.startswith(ONNX_FILE) or path.name in BUNDLE_FILES:
             shutil.copyfile(path, version_dir / path.name)
     (model_dir / "config.pbtxt").write_text(config_pbtxt(name, inputs, outputs), encoding="utf-8")
     return model_dir

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +15,7 @@ from flows.common import quiet_defaults, run_stage, stage_task
 from flows.promotion import DEFAULT_MIN_IMPROVEMENT, lm_eval_set, task_eval_set
 from flows.registry import register_candidate
 from flows.tracking import LM_MODEL_NAME, configure, flat_params, log_dir, numeric, stage_run
+from gpt.bundle import BUNDLE_DIR, BundleConfig
 from gpt.corpora import load_corpus
 from gpt.export import ExportConfig, export_bundle
 from gpt.io import read_manifest, write_manifest
@@ -34,7 +34,7 @@ def export_task(
     part of this cached stage: it depends on the registry's state (see flows.registry)."""
     cfg = ExportConfig.from_dict(config)
     out = Path(out_dir)
-    bundle = out / "bundle"
+    bundle = out / BUNDLE_DIR
     with stage_run("export", parent_run_id, {"checkpoint": checkpoint, **flat_params(export=cfg)}):
         if not is_complete(out):
             eval_text = held_out_text(eval_corpus) if eval_corpus and cfg.quantize != "none" else None
@@ -84,7 +84,7 @@ def export_flow(
             workdir=workdir,
             parent_run_id=run.info.run_id,
         )
-        kind = json.loads((Path(out["bundle"]) / "config.json").read_text()).get("kind", "lm")
+        kind = BundleConfig.read(out["bundle"]).kind
         make_eval_set = functools.partial(lm_eval_set if kind == "lm" else task_eval_set, eval_data)
         out["promotion"] = register_candidate(
             out["bundle"], registered_name, out["build"], make_eval_set, min_improvement, run.info.run_id

@@ -38,6 +38,7 @@ from flows.registry import (
 from flows.shard import shard_task
 from flows.tokenizer import tokenizer_task
 from flows.tracking import LM_MODEL_NAME, configure, flat_params, numeric
+from gpt.bundle import TOKENIZER_FILE
 from gpt.checkpoint import WEIGHTS
 from gpt.config import ModelConfig
 from gpt.data import ShardConfig
@@ -45,7 +46,6 @@ from gpt.export import ExportConfig
 from gpt.finetune import FinetuneConfig
 from gpt.io import sha256_file
 from gpt.tasks import get_task
-from gpt.tokenizer import MODEL_FILE as TOKENIZER_FILE
 from gpt.tokenizer import TokenizerConfig
 from gpt.train_config import TrainConfig
 

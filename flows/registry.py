@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from flows.promotion import EvalSet, decide
 from flows.tracking import log_bundle_model, stage_run
+from gpt.bundle import BUNDLE_DIR
 from gpt.checkpoint import WEIGHTS
 from gpt.io import atomic_dir, sha256_file
 
@@ -140,7 +141,8 @@ def champion_score(name: str, eval_set: EvalSet) -> tuple[ModelVersion | None, f
         return None, None
     with tempfile.TemporaryDirectory(prefix="gptflow-champion-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{champion.version}", dst_path=tmp))
-        return champion, eval_set.score_bundle(local / "artifacts" / "bundle")
+        # MLflow keeps a logged directory under its own name: the export stage's bundle/ folder.
+        return champion, eval_set.score_bundle(local / "artifacts" / BUNDLE_DIR)
 
 
 def register_candidate(

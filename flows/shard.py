@@ -13,7 +13,7 @@ from flows.caching import is_complete
 from flows.common import quiet_defaults, run_stage, stage_task
 from flows.tracking import configure, flat_params, numeric, stage_run
 from gpt.data import ShardConfig, shard_corpus
-from gpt.io import read_manifest
+from gpt.io import MANIFEST, read_manifest
 
 
 @stage_task("shard", retries=1)
@@ -27,7 +27,7 @@ def shard_task(
             shard_corpus(corpus, tokenizer, out, cfg)
         manifest = read_manifest(out)
         mlflow.log_metrics(numeric(manifest.get("splits", {})))
-        mlflow.log_artifact(str(out / "manifest.json"), artifact_path="shards")
+        mlflow.log_artifact(str(out / MANIFEST), artifact_path="shards")
     return {"dir": str(out), "splits": manifest.get("splits", {})}
 
 

@@ -13,9 +13,10 @@ from pydantic import Field
 from flows.caching import is_complete
 from flows.common import quiet_defaults, run_stage, stage_task
 from flows.tracking import configure, flat_params, numeric, stage_run
+from gpt.bundle import TOKENIZER_FILE
 from gpt.corpora import load_corpus
 from gpt.io import atomic_dir, read_manifest, write_manifest
-from gpt.tokenizer import MODEL_FILE, Tokenizer, TokenizerConfig
+from gpt.tokenizer import Tokenizer, TokenizerConfig
 
 
 @stage_task("tokenizer", retries=1)
@@ -34,19 +35,19 @@ def tokenizer_task(
     with stage_run("tokenizer", parent_run_id, params):
         if not is_complete(out) and inherit:
             with atomic_dir(out) as tmp:
-                shutil.copyfile(inherit, tmp / MODEL_FILE)
-                tok = Tokenizer(tmp / MODEL_FILE)
+                shutil.copyfile(inherit, tmp / TOKENIZER_FILE)
+                tok = Tokenizer(tmp / TOKENIZER_FILE)
                 write_manifest(tmp, stage="tokenizer", inherited_from=inherit, sha256=tok.hash)
         elif not is_complete(out):
             texts = (doc.text for doc in load_corpus(corpus).documents("train"))
             Tokenizer.train(texts, out, cfg, source=corpus)
         manifest = read_manifest(out)
         mlflow.log_metrics(numeric(manifest.get("metrics", manifest.get("stats", {}))))
-        mlflow.log_artifact(str(out / MODEL_FILE), artifact_path="tokenizer")
-    tok = Tokenizer(out / MODEL_FILE)
+        mlflow.log_artifact(str(out / TOKENIZER_FILE), artifact_path="tokenizer")
+    tok = Tokenizer(out / TOKENIZER_FILE)
     return {
         "dir": str(out),
-        "model": str(out / MODEL_FILE),
+        "model": str(out / TOKENIZER_FILE),
         "hash": tok.hash,
         "vocab_size": tok.vocab_size,
     }

@@ -11,15 +11,22 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
 
+from gpt.bundle import BundleConfig
 from gpt.train import Callbacks
 
 log = logging.getLogger(__name__)
+
+# What deploy/ imports from gpt/: the bundle format, standard library only. A logged model carries
+# these beside deploy/, and nothing else of gpt/ (which needs torch).
+RUNTIME_GPT_FILES = ("__init__.py", "bundle.py", "io.py")
 
 # mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI, so after the first configure() the
 # variable no longer says what the user chose: read it once, as the process found it.
@@ -136,17 +143,23 @@ def log_bundle_model(bundle_dir: str | Path, registered_name: str) -> int:
 
     from deploy.mlflow_model import GENERATION_PARAMS
 
-    code_file = Path(__file__).resolve().parents[1] / "deploy" / "mlflow_model.py"
-    kind = json.loads((Path(bundle_dir) / "config.json").read_text()).get("kind", "lm")
+    root = Path(__file__).resolve().parents[1]
+    code_file = root / "deploy" / "mlflow_model.py"
+    kind = BundleConfig.read(bundle_dir).kind
     example = ["The market"]
     output = [{"label": "x", "probs": {"x": 1.0}}] if kind == "classifier" else ["text"]
     signature = infer_signature(example, output, params=GENERATION_PARAMS if kind == "lm" else None)
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(code_file),
-        artifacts={"bundle": str(Path(bundle_dir).resolve())},
-        code_paths=[str(code_file.parent)],  # the torch-free runtime travels with the model
-        pip_requirements=["onnxruntime", "sentencepiece", "numpy", "pandas"],
-        signature=signature,
-    )
+    with tempfile.TemporaryDirectory(prefix="gptflow-code-") as tmp:
+        gpt_code = Path(tmp) / "gpt"
+        gpt_code.mkdir()
+        for name in RUNTIME_GPT_FILES:
+            shutil.copyfile(root / "gpt" / name, gpt_code / name)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(code_file),
+            artifacts={"bundle": str(Path(bundle_dir).resolve())},
+            code_paths=[str(root / "deploy"), str(gpt_code)],  # the torch-free runtime travels with the model
+            pip_requirements=["onnxruntime", "sentencepiece", "numpy", "pandas"],
+            signature=signature,
+        )
     return int(mlflow.register_model(info.model_uri, registered_name).version)

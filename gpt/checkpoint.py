@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gpt.bundle import TOKENIZER_FILE as TOKENIZER
 from gpt.config import ModelConfig
 from gpt.io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, read_json, sha256_file
 from gpt.model import GPT
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
-TOKENIZER = "tokenizer.model"
 OPTIMIZER = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINTS = "checkpoints"

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gpt.bundle import EOS_ID, TOKENIZER_FILE
 from gpt.config import ConfigBase, _in_range, _positive
 from gpt.io import MANIFEST, atomic_dir, atomic_path, read_manifest, sha256_file, write_manifest
-from gpt.tokenizer import EOS_ID, MODEL_FILE, Tokenizer
+from gpt.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -218,7 +219,7 @@ def _shard_into(corpus: Corpus, tokenizer: Tokenizer, out_dir: Path, config: Sha
             f"no training tokens: all {sizes['val']['n_docs'] + sizes['test']['n_docs']} documents fell in "
             "val/test; use a larger corpus or lower --val-fraction/--test-fraction"
         )
-    shutil.copyfile(tokenizer.path, out_dir / MODEL_FILE)
+    shutil.copyfile(tokenizer.path, out_dir / TOKENIZER_FILE)
     seconds = time.perf_counter() - t0
     total_bytes = sum(s["n_bytes"] for s in sizes.values())
     splits = {s: {**sizes[s], "shards": shards.get(s, [])} for s in SPLITS}
@@ -228,7 +229,7 @@ def _shard_into(corpus: Corpus, tokenizer: Tokenizer, out_dir: Path, config: Sha
         format=FORMAT,
         dtype=dtype.name,
         eos_id=EOS_ID,
-        tokenizer={"file": MODEL_FILE, "sha256": tokenizer.hash, "vocab_size": tokenizer.vocab_size},
+        tokenizer={"file": TOKENIZER_FILE, "sha256": tokenizer.hash, "vocab_size": tokenizer.vocab_size},
         source=corpus.name,
         corpus_stats=dict(corpus.stats),
         config=config.to_dict(),

@@ -5,10 +5,10 @@ The decoder is exported as ONE graph with optimum-compatible names (``input_ids`
 past (length 0) is the prefill. A classifier exports ``input_ids, attention_mask -> logits``.
 
 A bundle directory holds ``model.onnx``, ``tokenizer.model``, ``config.json`` (an LM also
-``genai_config.json``, for onnxruntime-genai) and, written last,
-``manifest.json``. It is built in a temp directory and renamed into place only after ``onnx.checker``
-and the parity check (onnxruntime vs PyTorch logits, greedy tokens) pass, so a bundle that exists is
-a bundle that was verified. The runtime that reads it is ``deploy/runtime.py`` (no torch).
+``genai_config.json``, for onnxruntime-genai) and, written last, ``manifest.json``; ``gpt/bundle.py``
+owns their names and schemas. It is built in a temp directory and renamed into place only after
+``onnx.checker`` and the parity check (onnxruntime vs PyTorch logits, greedy tokens) pass, so a bundle
+that exists is a bundle that was verified. The runtime that reads it is ``deploy/runtime.py`` (no torch).
 """
 
 from __future__ import annotations
@@ -27,8 +27,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gpt.bundle import (
+    CONFIG_FILE,
+    GENAI_CONFIG_FILE,
+    ONNX_FILE,
+    SPECIAL_IDS,
+    TOKENIZER_FILE,
+    BundleConfig,
+    ClassifierInput,
+    classifier_io_names,
+    genai_config,
+    lm_io_names,
+)
 from gpt.config import ConfigBase, _one_of, _positive
-from gpt.io import MANIFEST, atomic_write_json, read_json, sha256_file, write_manifest
+from gpt.io import MANIFEST, atomic_write_json, sha256_file, write_manifest
 
 if TYPE_CHECKING:
     from gpt.model import GPT
@@ -37,14 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
-TOKENIZER_FILE = "tokenizer.model"
-CONFIG_FILE = "config.json"
-GENAI_CONFIG_FILE = "genai_config.json"  # lets onnxruntime-genai run the decoder graph
-BUNDLE_FORMAT = "gptflow-onnx-bundle"
 QUANTIZE = ("none", "int8")
 EXTERNAL_DATA_BYTES = 1_900_000_000  # protobuf's 2 GB limit, with room for the graph itself
-SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
 
 
 @dataclass
@@ -74,62 +80,6 @@ class ExportConfig(ConfigBase):
 
 # --------------------------------------------------------------------------------------------
 # The graph
-
-
-def lm_io_names(n_layer: int) -> tuple[list[str], list[str]]:
-    kv = [(i, k) for i in range(n_layer) for k in ("key", "value")]
-    inputs = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{k}" for i, k in kv]
-    outputs = ["logits"] + [f"present.{i}.{k}" for i, k in kv]
-    return inputs, outputs
-
-
-def genai_config(model: dict[str, Any], special_ids: dict[str, int]) -> dict[str, Any]:
-    """onnxruntime-genai's description of the decoder graph: model ``type: "decoder"`` with our I/O
-    names (its ``gpt2`` type expects other input names). The graph returns present = past + new, a
-    fresh buffer each step, hence ``past_present_share_buffer: false``."""
-    n_embd, n_head = int(model["n_embd"]), int(model["n_head"])
-    return {
-        "model": {
-            "type": "decoder",
-            "bos_token_id": special_ids["bos"],
-            "eos_token_id": special_ids["eos"],
-            "pad_token_id": special_ids["pad"],
-            "context_length": int(model["block_size"]),
-            "vocab_size": int(model["vocab_size"]),
-            "decoder": {
-                "filename": ONNX_FILE,
-                "head_size": n_embd // n_head,
-                "hidden_size": n_embd,
-                "num_attention_heads": n_head,
-                "num_key_value_heads": n_head,
-                "num_hidden_layers": int(model["n_layer"]),
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
-            },
-        },
-        "search": {
-            "do_sample": False,
-            "max_length": int(model["block_size"]),
-            "num_beams": 1,
-            "num_return_sequences": 1,
-            "past_present_share_buffer": False,
-            "temperature": 1.0,
-            "top_k": 1,
-            "top_p": 1.0,
-            "repetition_penalty": 1.0,
-        },
-    }
 
 
 def export_onnx(model: GPT, path: Path, opset: int = 18) -> Path:
@@ -168,7 +118,7 @@ def export_onnx(model: GPT, path: Path, opset: int = 18) -> Path:
         wrapper: torch.nn.Module = ClassifierForExport(model)
         args: tuple = (ids, torch.ones(B, T, dtype=torch.long))
         dynamic: Any = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-        inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
+        inputs, outputs = classifier_io_names()
     else:
         wrapper = DecoderForExport(model)
         kv = [
@@ -409,7 +359,7 @@ def _quality_cost(fp32_dir: Path, int8_dir: Path, kind: str, eval_text: str | No
     int8 = load_bundle(int8_dir, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     n = max(2, min(32, fp32.max_context))
-    ids = rng.integers(4, fp32.config["model"]["vocab_size"], size=(4, n)).tolist()
+    ids = rng.integers(4, fp32.config.vocab_size, size=(4, n)).tolist()
     a, b = fp32.logits(ids), int8.logits(ids)
     cost: dict[str, Any] = {
         "max_abs_logit_diff": float(np.abs(a - b).max()),
@@ -459,13 +409,13 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def _classifier_input(meta: dict, block_size: int) -> dict[str, Any]:
-    """How finetuning encoded a text (gpt.finetune.classification_windows), for the runtime to repeat."""
-    return {
-        "prompt_template": str(meta.get("prompt_template") or "{input}"),
-        "max_len": int(min(meta.get("max_len") or block_size, block_size)),
-        "windows": int(meta.get("windows") or 1),
-    }
+def _classifier_input(meta: dict, block_size: int) -> ClassifierInput:
+    """How finetuning encoded a text (gpt.bundle.classification_windows), for the runtime to repeat."""
+    return ClassifierInput(
+        prompt_template=str(meta.get("prompt_template") or "{input}"),
+        max_len=int(min(meta.get("max_len") or block_size, block_size)),
+        windows=int(meta.get("windows") or 1),
+    )
 
 
 def _labels(meta: dict, n_classes: int) -> list[str]:
@@ -488,7 +438,7 @@ def _tokenizer_file(checkpoint_dir: Path, meta: dict, tokenizer: Path | None) ->
     if not path.is_file():
         raise FileNotFoundError(
             f"tokenizer not found: {path}; put the sentencepiece model the checkpoint was trained with "
-            "beside it as tokenizer.model, or pass --tokenizer PATH"
+            f"beside it as {TOKENIZER_FILE}, or pass --tokenizer PATH"
         )
     digest = sha256_file(path)
     expected = meta.get("tokenizer_hash")
@@ -536,34 +486,27 @@ def export_bundle(
         export_s = time.perf_counter() - t0
         onnx.checker.check_model(str(onnx_path), full_check=True)
         shutil.copyfile(tok_path, tmp / TOKENIZER_FILE)
-        bundle_config: dict[str, Any] = {
-            "format": BUNDLE_FORMAT,
-            "format_version": 1,
-            "kind": kind,
-            "precision": "fp32",
-            "model": cfg.to_dict(),
-            "context_length": cfg.block_size,
-            "vocab_size": cfg.vocab_size,
-            "special_ids": dict(SPECIAL_IDS),
-            "add_bos": config.add_bos,
-            "labels": labels,
-            "classifier_input": _classifier_input(meta, cfg.block_size) if kind == "classifier" else None,
-            "opset": config.opset,
-            "io": {
-                "inputs": [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]
-            },
-            "tokenizer_sha256": tok_sha,
-            "source_checkpoint": {
+        bundle_config = BundleConfig(
+            kind=kind,
+            model=cfg.to_dict(),
+            tokenizer_hash=tok_sha,
+            special_ids=dict(SPECIAL_IDS),
+            add_bos=config.add_bos,
+            labels=labels,
+            classifier_input=_classifier_input(meta, cfg.block_size) if kind == "classifier" else None,
+            opset=config.opset,
+            io={"inputs": [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]},
+            source_checkpoint={
                 "path": str(checkpoint_dir.resolve()),
                 "sha256": sha256_file(checkpoint_dir / WEIGHTS),
                 "tokenizer_hash": meta.get("tokenizer_hash"),
             },
-            "export_config": config.to_dict(),
-            "versions": _versions(),
-        }
-        atomic_write_json(tmp / CONFIG_FILE, bundle_config)  # the runtime reads it during the greedy check
+            export_config=config.to_dict(),
+            versions=_versions(),
+        )
+        bundle_config.write(tmp)  # the runtime reads it during the greedy check
         if kind == "lm":
-            atomic_write_json(tmp / GENAI_CONFIG_FILE, genai_config(cfg.to_dict(), SPECIAL_IDS))
+            atomic_write_json(tmp / GENAI_CONFIG_FILE, genai_config(bundle_config))
 
         t0 = time.perf_counter()
         if kind == "lm":
@@ -582,8 +525,8 @@ def export_bundle(
                 "the export is wrong (report it)"
             )
         size = (tmp / ONNX_FILE).stat().st_size
-        bundle_config.update(parity=parity, size_bytes=size, param_bytes=param_bytes)
-        atomic_write_json(tmp / CONFIG_FILE, bundle_config)
+        bundle_config.parity, bundle_config.size_bytes, bundle_config.param_bytes = parity, size, param_bytes
+        bundle_config.write(tmp)
         result: dict[str, Any] = {
             "bundle": str(out_dir),
             "kind": kind,
@@ -598,7 +541,7 @@ def export_bundle(
             config=config.to_dict(),
             inputs={
                 "checkpoint": str(checkpoint_dir),
-                "weights_sha256": bundle_config["source_checkpoint"]["sha256"],
+                "weights_sha256": bundle_config.source_checkpoint["sha256"],
             },
             files={n: {"sha256": sha256_file(tmp / n)} for n in (ONNX_FILE, TOKENIZER_FILE, CONFIG_FILE)},
             metrics={"parity_max_abs_diff": parity["max_abs_diff"], "size_bytes": size},
@@ -632,16 +575,15 @@ def _export_int8(fp32_dir: Path, kind: str, eval_text: str | None, seed: int) ->
         shutil.copyfile(fp32_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         if (fp32_dir / GENAI_CONFIG_FILE).is_file():  # same inputs and outputs
             shutil.copyfile(fp32_dir / GENAI_CONFIG_FILE, tmp / GENAI_CONFIG_FILE)
-        cfg = read_json(fp32_dir / CONFIG_FILE, what="bundle config")
-        cfg.update(
-            precision="int8", quantization={"method": "onnxruntime.quantize_dynamic", "weight_type": "QInt8"}
-        )
-        cfg.pop("parity", None)  # int8 is not expected to match PyTorch to 1e-4; its cost is below
-        atomic_write_json(tmp / CONFIG_FILE, cfg)
+        cfg = BundleConfig.read(fp32_dir)
+        cfg.precision = "int8"
+        cfg.quantization = {"method": "onnxruntime.quantize_dynamic", "weight_type": "QInt8"}
+        cfg.parity = None  # int8 is not expected to match PyTorch to 1e-4; its cost is below
+        cfg.write(tmp)
         cost = _quality_cost(fp32_dir, tmp, kind, eval_text, seed)
         size = (tmp / ONNX_FILE).stat().st_size
-        cfg.update(quality_cost=cost, size_bytes=size, fp32_bundle=fp32_dir.name)
-        atomic_write_json(tmp / CONFIG_FILE, cfg)
+        cfg.quality_cost, cfg.size_bytes, cfg.fp32_bundle = cost, size, fp32_dir.name
+        cfg.write(tmp)
         write_manifest(
             tmp,
             stage="export-int8",

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from gpt.bundle import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from gpt.bundle import TOKENIZER_FILE as MODEL_FILE  # the name this module has always exported
 from gpt.config import ConfigBase, _one_of, _positive
 from gpt.io import atomic_write_bytes, sha256_bytes, write_manifest
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "tokenizer.model"
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
 # Smallest vocabulary that holds the 4 special ids and the 256 byte-fallback pieces, plus a few pieces.
 MIN_VOCAB = 4 + 256 + 1

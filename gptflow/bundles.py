@@ -5,19 +5,18 @@ Torch-free (stdlib only), so ``gptflow generate`` / ``classify`` still run where
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from gpt.bundle import BUNDLE_DIR, CONFIG_FILE, BundleConfig
+from gpt.io import MANIFEST
 
-BUNDLE = "bundle"  # the folder an export stage writes its bundle into
-CONFIG = "config.json"
+log = logging.getLogger(__name__)
 
 
 def _kind(bundle: Path) -> str | None:
     try:
-        return json.loads((bundle / CONFIG).read_text(encoding="utf-8")).get("kind", "lm")
+        return BundleConfig.read(bundle).kind
     except (OSError, ValueError):
         return None
 
@@ -27,19 +26,19 @@ def resolve_bundle(path: str | Path | None, kind: str, workdir: str | Path = "ar
     export of ``kind`` (``lm`` or ``classifier``) under ``workdir``."""
     if path is not None:
         path = Path(path)
-        if not (path / CONFIG).is_file() and (path / BUNDLE / CONFIG).is_file():
-            return path / BUNDLE
+        if not (path / CONFIG_FILE).is_file() and (path / BUNDLE_DIR / CONFIG_FILE).is_file():
+            return path / BUNDLE_DIR
         return path
     found = [
         b
-        for b in Path(workdir).glob(f"export/*/{BUNDLE}")
-        if (b.parent / "manifest.json").is_file() and _kind(b) == kind
+        for b in Path(workdir).glob(f"export/*/{BUNDLE_DIR}")
+        if (b.parent / MANIFEST).is_file() and _kind(b) == kind
     ]
     if not found:
         raise FileNotFoundError(
             f"no exported {kind} bundle under {Path(workdir).resolve()}; run `gptflow pipeline` here "
             "first, or pass --bundle DIR"
         )
-    newest = max(found, key=lambda b: (b.parent / "manifest.json").stat().st_mtime_ns)
+    newest = max(found, key=lambda b: (b.parent / MANIFEST).stat().st_mtime_ns)
     log.warning("using %s (the newest %s bundle in %s; --bundle picks another)", newest, kind, workdir)
     return newest
