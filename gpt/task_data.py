@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
+from gpt import bundle
+from gpt.bundle import EOS_ID, PAD_ID
 from gpt.tasks import Example, Task, check_labels, label_set
 
 IGNORE_INDEX = -100
-PAD_ID, EOS_ID = 0, 3
 
 
 def _template_ids(tokenizer, task: Task, budget: int) -> tuple[list[int], list[int], int]:
@@ -44,19 +45,18 @@ def encode_prompt(tokenizer, task: Task, text: str, budget: int) -> list[int]:
 def classification_windows(
     tokenizer, task: Task, text: str, max_len: int, windows: int = 1
 ) -> list[list[int]]:
-    """The input cut into up to ``windows`` consecutive pieces, each encoded as EOS + template + piece + EOS.
+    """The input cut into up to ``windows`` windows by the bundle's rule (``gpt.bundle.classification_windows``,
+    which the exported runtime applies too): EOS + template + piece + EOS each.
 
     The classifier pools at the final EOS, the same token for every example. One window is the
     input's start; more let a model with a short context read a long article whole (a TF-IDF baseline
-    sees every word). A last piece shorter than a quarter window is dropped when there are others: a
-    few words carry little evidence.
+    sees every word).
     """
-    pre_ids, post_ids, room = _template_ids(tokenizer, task, max_len - 1)  # - 1: the final EOS
-    ids = tokenizer.encode(text)
-    pieces = [ids[i : i + room] for i in range(0, len(ids), room)][:windows] or [[]]
-    if len(pieces) > 1 and len(pieces[-1]) < room / 4:
-        pieces.pop()
-    return [[EOS_ID, *pre_ids, *piece, *post_ids, EOS_ID] for piece in pieces]
+    pre, post = task.prompt_template.split("{input}", 1)
+    pre_ids = tokenizer.encode(pre) if pre else []
+    post_ids = tokenizer.encode(post) if post else []
+    _template_ids(tokenizer, task, max_len - 1)  # the task-named error when the template leaves no room
+    return bundle.classification_windows(tokenizer.encode(text), pre_ids, post_ids, max_len, windows)
 
 
 def encode_completion(tokenizer, task: Task, example: Example, max_len: int) -> tuple[list[int], list[int]]:

@@ -245,7 +245,7 @@ def tok(tmp_path_factory):
 
 @pytest.mark.parametrize("template", ["{input}", "Topic of: {input}\n", "Q: {input} A:"])
 def test_window_rule_is_finetunings(tok, template):
-    from gpt.finetune import classification_windows as finetune_windows
+    from gpt.task_data import classification_windows as finetune_windows
     from gpt.tasks import Task
 
     task = Task("t", "classification", "x.csv", ("accuracy",), prompt_template=template)
