@@ -64,14 +64,13 @@ def greedy_complete(
     batch_size: int = 32,
     amp=None,
 ) -> list[str]:
-    """Greedy completions, batched with left padding and the KV cache.
+    """Greedy completions through ``gpt.generate.generate_batch`` (left-padded batches, KV cache).
 
     Each prompt is cut so that prompt + new tokens fit in the context. Generation stops at EOS
     (and, for single-line tasks, at the first newline); the prefix added in training is stripped.
     """
-    import torch
-
     from gpt.device import autocast
+    from gpt.generate import SamplingConfig, generate_batch
 
     device = next(model.parameters()).device
     # Short contexts (tests, tiny models) split the window: at most half of it for new tokens.
@@ -79,41 +78,13 @@ def greedy_complete(
     budget = min(task.max_input_tokens, model.config.block_size - max_new)
     prompts = [encode_prompt(tokenizer, task, x, budget) for x in inputs]
     stops = _newline_ids(tokenizer) if task.single_line else set()
-    stop_ids = torch.tensor(sorted(stops | {EOS_ID}), device=device)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    cfg = SamplingConfig(max_new_tokens=max_new, stop_token_ids=tuple(sorted(stops | {EOS_ID})))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
     outputs: list[list[int]] = [[] for _ in prompts]
-    model.eval()
-    with torch.no_grad(), autocast(device, amp):
+    with autocast(device, amp):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            B, L = len(rows), max(len(prompts[i]) for i in rows)
-            idx = torch.full((B, L), PAD_ID, dtype=torch.long)
-            mask = torch.zeros((B, L), dtype=torch.long)
-            for r, i in enumerate(rows):  # left padding: every prompt ends at column L-1
-                idx[r, L - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[r, L - len(prompts[i]) :] = 1
-            idx, mask = idx.to(device), mask.to(device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): the first real token is position 0
-            logits, past = model.decode(idx, None, mask, pos)
-            done = torch.zeros(B, dtype=torch.bool, device=device)
-            new = []
-            for _ in range(max_new):
-                nxt = logits[:, -1, :].argmax(-1)  # (B,)
-                nxt = torch.where(done, torch.full_like(nxt, EOS_ID), nxt)
-                new.append(nxt)
-                done |= torch.isin(nxt, stop_ids)
-                if bool(done.all()):
-                    break
-                mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
-                pos = pos[:, -1:] + 1
-                logits, past = model.decode(nxt.unsqueeze(1), past, mask, pos)
-            gen = torch.stack(new, dim=1).tolist()  # (B, n_new)
-            for r, i in enumerate(rows):
-                ids = []
-                for t in gen[r]:
-                    if t == EOS_ID or t in stops:
-                        break
-                    ids.append(t)
+            for i, ids in zip(rows, generate_batch(model, [prompts[i] for i in rows], cfg), strict=True):
                 outputs[i] = ids
     return [_clean(tokenizer.decode(ids), task) for ids in outputs]
 
