@@ -10,7 +10,9 @@ Context policy (``GenerationConfig.context_policy``), with ``max_context`` = the
   "sliding"  the prompt keeps its last max_context tokens; when the cache fills, the last
              max_context - 1 tokens are re-read from scratch (positions restart), exactly as
              ``gpt/generate.py`` does, so the two give the same greedy tokens.
-EOS (and any ``stop_token_ids``) ends a sequence and is not part of its output, unless ``ignore_eos``.
+Prompts start with EOS, the token before every document in the pretraining shards (a bundle whose
+config sets ``add_bos`` starts them with BOS instead). EOS (and any ``stop_token_ids``) ends a
+sequence and is not part of its output, unless ``ignore_eos``.
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ class _Bundle:
         self.eos_id = int(special.get("eos", 3))
         self.max_context = int(config["context_length"])
         self.add_bos = bool(config.get("add_bos", False))
+        self.start_id = self.bos_id if self.add_bos else self.eos_id  # what every prompt starts with
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -176,8 +179,7 @@ class _Bundle:
         return self.tokenizer.decode([int(i) for i in ids])
 
     def _prompt_ids(self, text: str) -> list[int]:
-        ids = self.encode(text)
-        return [self.bos_id, *ids] if self.add_bos or not ids else ids
+        return [self.start_id, *self.encode(text)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +370,7 @@ class OnnxLM(_Bundle):
 
     def new_row(self, prompt_ids: Sequence[int], cfg: GenerationConfig, choice: int = 0) -> Row:
         """One sequence to generate; ``choice`` picks its sampling stream: (cfg.seed, choice)."""
-        prompt = [int(i) for i in prompt_ids] or [self.bos_id]
+        prompt = [int(i) for i in prompt_ids] or [self.start_id]
         return Row(self, self._check_context([prompt], cfg)[0], cfg, choice)
 
     def _rows(self, prompt_ids: list[list[int]], cfg: GenerationConfig) -> list[Row]:
@@ -550,7 +552,7 @@ class DecodeBatch:
     (``mask[r]`` is 1 there); positions count a row's own tokens, so a row gives the same tokens here
     as alone. Rows join between steps (their prompts are prefilled in a call of their own, then
     merged into the cache) and leave between steps (their cache rows are dropped at once, and the
-    leading columns no remaining row uses with them).
+    leading columns no remaining row uses with them). torch/numpy mirror of gpt.generate.KVBatch.
     """
 
     def __init__(self, lm: OnnxLM):
@@ -701,7 +703,7 @@ class OnnxClassifier(_Bundle):
 
     def logits(self, ids: list[list[int]]) -> np.ndarray:
         """Class logits (B, n_classes) for token id lists (right-padded here; truncated to the context)."""
-        ids = [list(x[: self.max_context]) or [self.bos_id] for x in ids]
+        ids = [list(x[: self.max_context]) or [self.eos_id] for x in ids]
         T = max(len(x) for x in ids)
         batch = np.full((len(ids), T), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(ids), T), dtype=np.int64)

@@ -56,7 +56,7 @@ class ExportConfig(ConfigBase):
     parity_atol: float = 1e-4  # largest |logits(onnxruntime) - logits(PyTorch)| a bundle may have
     parity_decode_steps: int = 50  # cached decode steps compared after the padded-batch prefill
     greedy_tokens: int = 100  # greedy tokens that must equal gpt.generate's (capped by the context)
-    add_bos: bool = False  # the runtime prepends BOS to prompts (an empty prompt always starts from BOS)
+    add_bos: bool = False  # prompts start with BOS, not EOS (pretraining puts EOS before documents)
     seed: int = 0  # seed for the random parity prompts
 
     def __post_init__(self) -> None:
