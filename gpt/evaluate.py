@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 import re
 import statistics
 import time
@@ -22,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt.finetune import EOS_ID, PAD_ID, classification_windows, encode_prompt
+from gpt.finetune import EOS_ID, classification_windows, encode_prompt
 from gpt.metrics import classification_metrics, completion_metrics
 from gpt.tasks import Example, Task, check_labels, get_task, load_task_splits
 
@@ -106,16 +105,12 @@ def evaluate_pretrained(
     device: str = "auto",
     max_tokens: int = 200_000,
 ) -> dict[str, float]:
-    """Bits per byte and perplexity on held-out ``texts`` (each preceded by EOS, as in pretraining).
-
-    Texts are concatenated and cut into context-sized windows; every text token is predicted once.
-    Bits per byte = total nats / ln 2 / UTF-8 bytes of the scored text, comparable across tokenizers.
-    """
-    import torch
-    import torch.nn.functional as F
-
+    """Bits per byte and perplexity on held-out ``texts``: ``gpt.scoring.score_texts`` (each text
+    after EOS, as in pretraining; bits per byte as gpt.scoring defines it), whole texts up to
+    ``max_tokens`` tokens."""
     from gpt.checkpoint import load_model
     from gpt.device import resolve_device
+    from gpt.scoring import score_texts
     from gpt.tokenizer import MODEL_FILE, Tokenizer
 
     if isinstance(texts, str):
@@ -123,50 +118,7 @@ def evaluate_pretrained(
     checkpoint_dir = Path(checkpoint_dir)
     model, _ = load_model(checkpoint_dir, resolve_device(device))
     tokenizer = Tokenizer(checkpoint_dir / MODEL_FILE)
-    stream: list[int] = []
-    scored: list[bool] = []  # EOS separators are context, not scored text
-    n_bytes = n_texts = 0
-    for text in texts:
-        ids = tokenizer.encode(text)
-        if not ids:
-            continue
-        stream += [EOS_ID, *ids]
-        scored += [False] + [True] * len(ids)
-        n_bytes += len(text.encode("utf-8"))
-        n_texts += 1
-        if len(stream) >= max_tokens:  # whole texts only, so the byte count stays exact
-            break
-    if n_bytes == 0:
-        raise ValueError("evaluate_pretrained: no text to score (empty split?)")
-    T = model.config.block_size
-    dev = next(model.parameters()).device
-    nats, n_tokens = 0.0, 0
-    windows = range(0, len(stream) - 1, T)
-    with torch.no_grad():
-        for start in range(0, len(windows), batch_size):
-            xs, ys = [], []
-            for w in windows[start : start + batch_size]:
-                chunk = stream[w : w + T + 1]
-                keep = scored[w + 1 : w + T + 1]
-                x = chunk[:-1] + [PAD_ID] * (T - len(chunk) + 1)
-                y = [t if k else -100 for t, k in zip(chunk[1:], keep, strict=True)]
-                xs.append(x)
-                ys.append(y + [-100] * (T - len(y)))
-            x, y = torch.tensor(xs, device=dev), torch.tensor(ys, device=dev)
-            logits = model(x)
-            nats += float(
-                F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
-            )
-            n_tokens += int((y != -100).sum())
-    # The tokens of a text cover exactly its UTF-8 bytes (byte fallback, no dummy prefix).
-    return {
-        "bpb": nats / math.log(2) / n_bytes,
-        "ppl": math.exp(min(nats / max(n_tokens, 1), 700.0)),
-        "loss": nats / max(n_tokens, 1),
-        "n_tokens": n_tokens,
-        "n_bytes": n_bytes,
-        "n_texts": n_texts,
-    }
+    return score_texts(model, tokenizer, texts, batch_size, max_tokens)
 
 
 # ------------------------------------------------------------------------------------------------
