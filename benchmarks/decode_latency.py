@@ -4,9 +4,9 @@
     python benchmarks/decode_latency.py --quick         # 1.3M shape batch 1 and 8, 124M shape batch 1
     python benchmarks/decode_latency.py --quick --shapes 1.3m --new-tokens 8 --repeats 1   # a smoke test
 
-Engines: torch_cache (gpt.generate / GPT.decode with the KV cache), torch_nocache (full recompute per
-token, as nanoGPT samples; on the 124M shape only at batch 1, where one run already takes minutes),
-ort_fp32 and ort_int8 (our runtime over the exported bundle). Timing covers
+Engines: torch_cache (gpt.generate.generate_batch: GPT.decode with the KV cache), torch_nocache (full
+recompute per token, as nanoGPT samples; on the 124M shape only at batch 1, where one run already takes
+minutes), ort_fp32 and ort_int8 (our runtime over the exported bundle). Timing covers
 prefill + all steps; tok/s = batch * new tokens / seconds. Run on an idle machine: a second busy process
 slows 2-thread runs 20-40x.
 """
@@ -31,7 +31,7 @@ from deploy.runtime import GenerationConfig, load_bundle  # noqa: E402
 from gpt.bundle import ONNX_FILE, TOKENIZER_FILE, BundleConfig  # noqa: E402
 from gpt.config import ModelConfig  # noqa: E402
 from gpt.export import export_onnx, quantize_int8  # noqa: E402
-from gpt.generate import generate  # noqa: E402
+from gpt.generate import generate_batch  # noqa: E402
 from gpt.io import sha256_file  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
@@ -61,16 +61,12 @@ def make_bundle(model: GPT, tokenizer: Path, out: Path, int8: bool) -> tuple[Pat
 
 @torch.no_grad()
 def torch_decode(model: GPT, prompts: torch.Tensor, n: int, cache: bool) -> None:
-    if cache and prompts.size(0) == 1:
-        generate(model, prompts[0].tolist(), max_new_tokens=n)
+    if cache:
+        generate_batch(model, prompts.tolist(), max_new_tokens=n)
         return
-    idx, past = prompts, None
-    x = prompts
+    idx = prompts
     for _ in range(n):
-        if cache:
-            logits, past = model.decode(x, past)
-        else:
-            logits = model(idx[:, -model.config.block_size :])
+        logits = model(idx[:, -model.config.block_size :])
         x = logits[:, -1].argmax(-1, keepdim=True)
         idx = torch.cat([idx, x], dim=1)
 

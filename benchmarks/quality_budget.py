@@ -36,8 +36,8 @@ from gpt.device import Dist, resolve_precision
 from gpt.engine import Plan, Trainer, wrap
 from gpt.model import GPT
 from gpt.optim import build_optimizer
+from gpt.scoring import evaluate_lm
 from gpt.tokenizer import Tokenizer, TokenizerConfig
-from gpt.train import evaluate_lm
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 TARGET_BPB = 2.0  # issue #15, P2: within nanoGPT's measured wall time

@@ -11,12 +11,15 @@ Context policy (``GenerationConfig.context_policy``), with ``max_context`` = the
   "sliding"  the prompt keeps its last max_context tokens; when the cache fills, the last
              max_context - 1 tokens are re-read from scratch (positions restart), exactly as
              ``gpt/generate.py`` does, so the two give the same greedy tokens.
-EOS (and any ``stop_token_ids``) ends a sequence and is not part of its output, unless ``ignore_eos``.
+Prompts start with EOS, the token before every document in the pretraining shards (a bundle whose
+config sets ``add_bos`` starts them with BOS instead). EOS (and any ``stop_token_ids``) ends a
+sequence and is not part of its output, unless ``ignore_eos``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
@@ -144,6 +147,7 @@ class _Bundle:
         self.pad_id, self.bos_id, self.eos_id = special["pad"], special["bos"], special["eos"]
         self.max_context = config.context_length
         self.add_bos = config.add_bos
+        self.start_id = self.bos_id if self.add_bos else self.eos_id  # what every prompt starts with
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -161,8 +165,7 @@ class _Bundle:
         return self.tokenizer.decode([int(i) for i in ids])
 
     def _prompt_ids(self, text: str) -> list[int]:
-        ids = self.encode(text)
-        return [self.bos_id, *ids] if self.add_bos or not ids else ids
+        return [self.start_id, *self.encode(text)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,7 +353,7 @@ class OnnxLM(_Bundle):
 
     def new_row(self, prompt_ids: Sequence[int], cfg: GenerationConfig, choice: int = 0) -> Row:
         """One sequence to generate; ``choice`` picks its sampling stream: (cfg.seed, choice)."""
-        prompt = [int(i) for i in prompt_ids] or [self.bos_id]
+        prompt = [int(i) for i in prompt_ids] or [self.start_id]
         return Row(self, self._check_context([prompt], cfg)[0], cfg, choice)
 
     def _rows(self, prompt_ids: list[list[int]], cfg: GenerationConfig) -> list[Row]:
@@ -407,28 +410,51 @@ class OnnxLM(_Bundle):
     # Scoring ---------------------------------------------------------------------------------
 
     def logprobs(self, text: str) -> np.ndarray:
-        """Natural-log probability of each token of ``text``, the first one given BOS.
+        """Natural-log probability of each token of ``text``, the first one given the start token (EOS).
 
-        Texts longer than the context are scored in windows that overlap by one token.
+        Texts longer than the context are scored in consecutive windows, every token predicted once.
         """
-        ids = [self.bos_id, *self.encode(text)]
-        if len(ids) < 2:
+        ids = self.encode(text)
+        if not ids:
             raise ValueError("cannot score an empty text")
+        return self._logprobs(ids)
+
+    def _logprobs(self, ids: list[int]) -> np.ndarray:
+        ids = [self.start_id, *ids]
         out = []
-        start = 0
-        while start < len(ids) - 1:
-            window = ids[start : start + self.max_context]
-            logits = self.logits([window])[0].astype(np.float64)  # (T, V)
-            m = logits.max(axis=-1, keepdims=True)
-            logz = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[:, 0]
-            targets = np.asarray(window[1:])
-            out.append(logits[np.arange(len(targets)), targets] - logz[:-1])
-            start += len(window) - 1
+        for s in range(0, len(ids) - 1, self.max_context):
+            targets = np.asarray(ids[s + 1 : s + self.max_context + 1])
+            logp = _log_softmax(self.logits([ids[s : s + len(targets)]])[0])  # (T, V)
+            out.append(logp[np.arange(len(targets)), targets])
         return np.concatenate(out)
 
-    def bits_per_byte(self, text: str) -> float:
-        """-Σ log2 P(token) / UTF-8 bytes: comparable across tokenizers and precisions."""
-        return float(-self.logprobs(text).sum() / math.log(2) / len(text.encode("utf-8")))
+    @functools.cached_property
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes per id: byte pieces 1, '▁' one space byte, special and unknown ids 0.
+        torch/numpy mirror of gpt.tokenizer.Tokenizer.token_byte_lengths."""
+        sp = self.tokenizer
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.n_pieces):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                continue
+            out[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
+
+    def bits_per_byte(self, texts: str | Sequence[str]) -> float:
+        """Bits per byte of ``texts``, each scored on its own after the start token; targets whose
+        token has no byte (special ids) count in neither sum. torch/numpy mirror of
+        gpt.scoring.score_texts, whose docstring defines the measure."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        nats, n_bytes = 0.0, 0
+        for text in texts:
+            ids = self.encode(text)
+            if ids:
+                nbytes = self.token_bytes[ids]
+                nats -= float(self._logprobs(ids)[nbytes > 0].sum())
+                n_bytes += int(nbytes.sum())
+        if n_bytes == 0:
+            raise ValueError(f"no text to score among {len(texts)} texts (all empty?)")
+        return nats / math.log(2) / n_bytes
 
 
 def prompts_of(prompt_ids: Any) -> list[list[int]]:
@@ -532,7 +558,7 @@ class DecodeBatch:
     (``mask[r]`` is 1 there); positions count a row's own tokens, so a row gives the same tokens here
     as alone. Rows join between steps (their prompts are prefilled in a call of their own, then
     merged into the cache) and leave between steps (their cache rows are dropped at once, and the
-    leading columns no remaining row uses with them).
+    leading columns no remaining row uses with them). torch/numpy mirror of gpt.generate.KVBatch.
     """
 
     def __init__(self, lm: OnnxLM):
@@ -675,7 +701,7 @@ class OnnxClassifier(_Bundle):
 
     def logits(self, ids: list[list[int]]) -> np.ndarray:
         """Class logits (B, n_classes) for token id lists (right-padded here; truncated to the context)."""
-        ids = [list(x[: self.max_context]) or [self.bos_id] for x in ids]
+        ids = [list(x[: self.max_context]) or [self.eos_id] for x in ids]
         T = max(len(x) for x in ids)
         batch = np.full((len(ids), T), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(ids), T), dtype=np.int64)

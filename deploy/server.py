@@ -693,9 +693,8 @@ async def _job_events(events: asyncio.Queue, deadline: float) -> AsyncIterator[t
 
 
 def _token_count(model: Any, text: str) -> int:
-    """Tokens the runtime feeds for ``text``: it prepends BOS when the bundle says so or the text is empty."""
-    ids = model.encode(text)
-    return len(ids) + (1 if getattr(model, "add_bos", False) or not ids else 0)
+    """Tokens ``text`` counts for: its own and the start token (EOS, or BOS where the bundle asks)."""
+    return len(model._prompt_ids(text))
 
 
 def _check_bytes(texts: list[str], config: ServerConfig, param: str, single: bool) -> None:

@@ -75,8 +75,8 @@ def lm_eval_set(corpus: str, max_bytes: int = LM_EVAL_MAX_BYTES) -> EvalSet:
 
 
 def _bits_per_byte(model: Any, texts: list[str]) -> float:
-    bits = sum(-float(model.logprobs(t).sum()) / math.log(2) for t in texts)
-    return bits / sum(len(t.encode("utf-8")) for t in texts)
+    """The runtime's OnnxLM.bits_per_byte (gpt.scoring defines the measure)."""
+    return float(model.bits_per_byte(texts))
 
 
 def task_eval_set(task_spec: str) -> EvalSet:

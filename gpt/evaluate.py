@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 import re
 import statistics
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.metrics import classification_metrics, completion_metrics
-from gpt.task_data import EOS_ID, PAD_ID, classification_windows, encode_prompt
+from gpt.task_data import EOS_ID, classification_windows, encode_prompt
 from gpt.tasks import Example, Task, check_labels, get_task, load_task_splits
 
 log = logging.getLogger(__name__)
@@ -64,14 +63,13 @@ def greedy_complete(
     batch_size: int = 32,
     amp=None,
 ) -> list[str]:
-    """Greedy completions, batched with left padding and the KV cache.
+    """Greedy completions through ``gpt.generate.generate_batch`` (left-padded batches, KV cache).
 
     Each prompt is cut so that prompt + new tokens fit in the context. Generation stops at EOS
     (and, for single-line tasks, at the first newline); the prefix added in training is stripped.
     """
-    import torch
-
     from gpt.device import autocast
+    from gpt.generate import SamplingConfig, generate_batch
 
     device = next(model.parameters()).device
     # Short contexts (tests, tiny models) split the window: at most half of it for new tokens.
@@ -79,41 +77,13 @@ def greedy_complete(
     budget = min(task.max_input_tokens, model.config.block_size - max_new)
     prompts = [encode_prompt(tokenizer, task, x, budget) for x in inputs]
     stops = _newline_ids(tokenizer) if task.single_line else set()
-    stop_ids = torch.tensor(sorted(stops | {EOS_ID}), device=device)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    cfg = SamplingConfig(max_new_tokens=max_new, stop_token_ids=tuple(sorted(stops | {EOS_ID})))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
     outputs: list[list[int]] = [[] for _ in prompts]
-    model.eval()
-    with torch.no_grad(), autocast(device, amp):
+    with autocast(device, amp):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            B, L = len(rows), max(len(prompts[i]) for i in rows)
-            idx = torch.full((B, L), PAD_ID, dtype=torch.long)
-            mask = torch.zeros((B, L), dtype=torch.long)
-            for r, i in enumerate(rows):  # left padding: every prompt ends at column L-1
-                idx[r, L - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[r, L - len(prompts[i]) :] = 1
-            idx, mask = idx.to(device), mask.to(device)
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): the first real token is position 0
-            logits, past = model.decode(idx, None, mask, pos)
-            done = torch.zeros(B, dtype=torch.bool, device=device)
-            new = []
-            for _ in range(max_new):
-                nxt = logits[:, -1, :].argmax(-1)  # (B,)
-                nxt = torch.where(done, torch.full_like(nxt, EOS_ID), nxt)
-                new.append(nxt)
-                done |= torch.isin(nxt, stop_ids)
-                if bool(done.all()):
-                    break
-                mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
-                pos = pos[:, -1:] + 1
-                logits, past = model.decode(nxt.unsqueeze(1), past, mask, pos)
-            gen = torch.stack(new, dim=1).tolist()  # (B, n_new)
-            for r, i in enumerate(rows):
-                ids = []
-                for t in gen[r]:
-                    if t == EOS_ID or t in stops:
-                        break
-                    ids.append(t)
+            for i, ids in zip(rows, generate_batch(model, [prompts[i] for i in rows], cfg), strict=True):
                 outputs[i] = ids
     return [_clean(tokenizer.decode(ids), task) for ids in outputs]
 
@@ -135,16 +105,12 @@ def evaluate_pretrained(
     device: str = "auto",
     max_tokens: int = 200_000,
 ) -> dict[str, float]:
-    """Bits per byte and perplexity on held-out ``texts`` (each preceded by EOS, as in pretraining).
-
-    Texts are concatenated and cut into context-sized windows; every text token is predicted once.
-    Bits per byte = total nats / ln 2 / UTF-8 bytes of the scored text, comparable across tokenizers.
-    """
-    import torch
-    import torch.nn.functional as F
-
+    """Bits per byte and perplexity on held-out ``texts``: ``gpt.scoring.score_texts`` (each text
+    after EOS, as in pretraining; bits per byte as gpt.scoring defines it), whole texts up to
+    ``max_tokens`` tokens."""
     from gpt.checkpoint import load_model
     from gpt.device import resolve_device
+    from gpt.scoring import score_texts
     from gpt.tokenizer import MODEL_FILE, Tokenizer
 
     if isinstance(texts, str):
@@ -152,50 +118,7 @@ def evaluate_pretrained(
     checkpoint_dir = Path(checkpoint_dir)
     model, _ = load_model(checkpoint_dir, resolve_device(device))
     tokenizer = Tokenizer(checkpoint_dir / MODEL_FILE)
-    stream: list[int] = []
-    scored: list[bool] = []  # EOS separators are context, not scored text
-    n_bytes = n_texts = 0
-    for text in texts:
-        ids = tokenizer.encode(text)
-        if not ids:
-            continue
-        stream += [EOS_ID, *ids]
-        scored += [False] + [True] * len(ids)
-        n_bytes += len(text.encode("utf-8"))
-        n_texts += 1
-        if len(stream) >= max_tokens:  # whole texts only, so the byte count stays exact
-            break
-    if n_bytes == 0:
-        raise ValueError("evaluate_pretrained: no text to score (empty split?)")
-    T = model.config.block_size
-    dev = next(model.parameters()).device
-    nats, n_tokens = 0.0, 0
-    windows = range(0, len(stream) - 1, T)
-    with torch.no_grad():
-        for start in range(0, len(windows), batch_size):
-            xs, ys = [], []
-            for w in windows[start : start + batch_size]:
-                chunk = stream[w : w + T + 1]
-                keep = scored[w + 1 : w + T + 1]
-                x = chunk[:-1] + [PAD_ID] * (T - len(chunk) + 1)
-                y = [t if k else -100 for t, k in zip(chunk[1:], keep, strict=True)]
-                xs.append(x)
-                ys.append(y + [-100] * (T - len(y)))
-            x, y = torch.tensor(xs, device=dev), torch.tensor(ys, device=dev)
-            logits = model(x)
-            nats += float(
-                F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
-            )
-            n_tokens += int((y != -100).sum())
-    # The tokens of a text cover exactly its UTF-8 bytes (byte fallback, no dummy prefix).
-    return {
-        "bpb": nats / math.log(2) / n_bytes,
-        "ppl": math.exp(min(nats / max(n_tokens, 1), 700.0)),
-        "loss": nats / max(n_tokens, 1),
-        "n_tokens": n_tokens,
-        "n_bytes": n_bytes,
-        "n_texts": n_texts,
-    }
+    return score_texts(model, tokenizer, texts, batch_size, max_tokens)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ class ExportConfig(ConfigBase):
     parity_atol: float = 1e-4  # largest |logits(onnxruntime) - logits(PyTorch)| a bundle may have
     parity_decode_steps: int = 50  # cached decode steps compared after the padded-batch prefill
     greedy_tokens: int = 100  # greedy tokens that must equal gpt.generate's (capped by the context)
-    add_bos: bool = False  # the runtime prepends BOS to prompts (an empty prompt always starts from BOS)
+    add_bos: bool = False  # prompts start with BOS, not EOS (pretraining puts EOS before documents)
     seed: int = 0  # seed for the random parity prompts
 
     def __post_init__(self) -> None:
@@ -210,26 +210,23 @@ def _ort_session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _padded_batch(cfg, lengths: list[int], gen):
-    """Left-padded random prompts (ids >= 4, never special) and their 0/1 mask, as torch tensors."""
+def _random_prompts(cfg, lengths: list[int], gen) -> list[list[int]]:
+    """Random prompts of the given lengths (ids >= 4, never special)."""
     import torch
 
-    T = max(lengths)
-    ids = torch.full((len(lengths), T), cfg.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for r, n in enumerate(lengths):
-        ids[r, T - n :] = torch.randint(4, cfg.vocab_size, (n,), generator=gen)
-        mask[r, T - n :] = 1
-    return ids, mask
+    return [torch.randint(4, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
 @_no_grad
 def lm_parity(model: GPT, onnx_path: Path, decode_steps: int = 50, seed: int = 0) -> dict[str, Any]:
     """Max |Δlogits| over a prefill of a left-padded batch of different lengths, then cached steps.
 
-    Both sides are fed the same tokens (PyTorch's greedy choice) so that the caches stay comparable.
+    The PyTorch side is ``gpt.generate.KVBatch`` (the loop generation uses); onnxruntime is fed the
+    same inputs, PyTorch's greedy choice included, so that the caches stay comparable.
     """
     import torch
+
+    from gpt.generate import KVBatch
 
     cfg = model.config
     sess = _ort_session(onnx_path)
@@ -237,28 +234,23 @@ def lm_parity(model: GPT, onnx_path: Path, decode_steps: int = 50, seed: int = 0
     longest = max(3, min(13, cfg.block_size // 4))
     lengths = [longest, max(1, longest // 2), longest - 2]
     steps = min(decode_steps, cfg.block_size - longest)
-    ids, mask = _padded_batch(cfg, lengths, gen)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    B = ids.size(0)
-    empty = np.zeros((B, cfg.n_head, 0, cfg.head_dim), dtype=np.float32)
+    batch = KVBatch(model)
+    logits = batch.prefill(_random_prompts(cfg, lengths, gen))
+    empty = np.zeros((len(lengths), cfg.n_head, 0, cfg.head_dim), dtype=np.float32)
     in_names, out_names = lm_io_names(cfg.n_layer)
     ort_past = [empty] * (2 * cfg.n_layer)
-    torch_past = None
     prefill_delta, decode_delta = 0.0, 0.0
     for step in range(steps + 1):
-        feed = dict(zip(in_names, [ids.numpy(), mask.numpy(), pos.numpy(), *ort_past], strict=True))
-        out = sess.run(out_names, feed)
-        logits, torch_past = model.decode(ids, torch_past, mask, pos)
+        if step:
+            logits = batch.step(logits[:, -1, :].argmax(-1))
+        ids, mask, pos = (t.numpy() for t in batch.inputs)
+        out = sess.run(out_names, dict(zip(in_names, [ids, mask, pos, *ort_past], strict=True)))
         diff = np.abs(out[0] - logits.numpy())  # (B, T, V)
         if step == 0:
-            prefill_delta = float(diff[mask.numpy().astype(bool)].max())  # padded rows are never used
+            prefill_delta = float(diff[mask.astype(bool)].max())  # padded rows are never used
         else:
             decode_delta = max(decode_delta, float(diff.max()))
         ort_past = out[1:]
-        nxt = logits[:, -1, :].argmax(-1, keepdim=True)  # (B, 1)
-        ids = nxt
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
-        pos = pos[:, -1:] + 1
     return {
         "prefill_max_abs_diff": prefill_delta,
         "decode_max_abs_diff": decode_delta,
@@ -302,11 +294,15 @@ def greedy_parity(model: GPT, bundle_dir: Path, n_tokens: int, atol: float, seed
 def classifier_parity(model: GPT, onnx_path: Path, seed: int = 0) -> dict[str, Any]:
     import torch
 
+    from gpt.generate import left_pad
+
     cfg = model.config
     sess = _ort_session(onnx_path)
     gen = torch.Generator().manual_seed(seed)
     longest = max(3, min(24, cfg.block_size))
-    ids, mask = _padded_batch(cfg, [longest, max(1, longest // 2), longest - 2], gen)
+    ids, mask = left_pad(
+        _random_prompts(cfg, [longest, max(1, longest // 2), longest - 2], gen), cfg.pad_token_id
+    )
     out = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     ref = model.classify(ids, mask).numpy()
     return {

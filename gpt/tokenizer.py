@@ -124,7 +124,8 @@ class Tokenizer:
         return self._sp.id_to_piece(int(i))
 
     def token_byte_lengths(self) -> np.ndarray:
-        """UTF-8 bytes each id adds to decoded text: byte pieces 1, '▁' one space byte, special ids 0."""
+        """UTF-8 bytes each id adds to decoded text: byte pieces 1, '▁' one space byte, special ids 0.
+        torch/numpy mirror: deploy/runtime.py's OnnxLM.token_bytes (no gpt import there)."""
         sp = self._sp
         out = np.zeros(self.vocab_size, dtype=np.int64)
         for i in range(self.vocab_size):

@@ -18,15 +18,12 @@ Output directory:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gpt.checkpoint import (
     TOKENIZER,
@@ -39,11 +36,10 @@ from gpt.checkpoint import (
     prune_checkpoints,
     save_model_dir,
     step_dir,
-    unwrap,
 )
 from gpt.config import ModelConfig
-from gpt.data import IGNORE_INDEX, ShardDataset, TrainLoader, val_batches
-from gpt.device import autocast, dist_from_env, resolve_device, resolve_precision
+from gpt.data import ShardDataset, TrainLoader
+from gpt.device import dist_from_env, resolve_device, resolve_precision
 from gpt.engine import (
     METRICS,
     Callbacks,
@@ -59,60 +55,13 @@ from gpt.engine import (
 from gpt.io import MANIFEST, sha256_file, write_manifest
 from gpt.model import GPT
 from gpt.optim import build_optimizer, lr_at
+from gpt.scoring import evaluate_lm
 from gpt.tokenizer import Tokenizer
 from gpt.train_config import TrainConfig
 
 __all__ = ["Callbacks", "TrainConfig", "TrainingDiverged", "evaluate_lm", "train"]
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def evaluate_lm(
-    model: torch.nn.Module,
-    dataset: ShardDataset,
-    block_size: int,
-    batch_size: int,
-    token_bytes: np.ndarray,
-    device: str | torch.device,
-    max_batches: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Loss, bits per byte and perplexity over the split (or its first ``max_batches`` batches).
-
-    Bits per byte = total nats / ln 2 / UTF-8 bytes of the predicted tokens: comparable across tokenizers.
-    """
-    device = torch.device(device)
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    nbytes_of = torch.as_tensor(np.asarray(token_bytes), dtype=torch.int64, device=device)
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = torch.zeros((), dtype=torch.int64, device=device)
-    n_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    for x, y in val_batches(dataset, block_size, batch_size, device=device, max_batches=max_batches):
-        with autocast(device, autocast_dtype):
-            logits = model(x)  # (B, T, vocab)
-        nats += F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        ).double()
-        real = y != IGNORE_INDEX
-        n_tokens += real.sum()
-        n_bytes += nbytes_of[y[real]].sum()
-    model.train(was_training)
-    nats_f, tokens, nbytes = nats.item(), int(n_tokens.item()), int(n_bytes.item())
-    if tokens == 0:
-        raise ValueError(
-            f"evaluation saw no target tokens in the {dataset.split} split of {dataset.shard_dir}"
-        )
-    loss = nats_f / tokens
-    return {
-        "val_loss": loss,
-        "val_bpb": nats_f / math.log(2) / max(nbytes, 1),
-        "val_ppl": math.exp(min(loss, 700.0)),
-        "val_tokens": tokens,
-        "val_bytes": nbytes,
-    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gpt.config import ModelConfig
-from gpt.generate import SamplingConfig, filter_logits, generate
+from gpt.generate import SamplingConfig, filter_logits, generate, generate_batch
 from gpt.model import GPT
 
 
@@ -81,3 +81,21 @@ def test_invalid_sampling_settings_are_rejected(kw):
 def test_empty_prompt_is_rejected(model):
     with pytest.raises(ValueError, match="non-empty"):
         generate(model, [], max_new_tokens=3)
+
+
+def test_batched_left_padded_greedy_equals_one_prompt_at_a_time(model):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15], list(range(4, 24))]  # lengths 7, 1, 3, 20
+    batched = generate_batch(model, prompts, max_new_tokens=12)
+    assert batched == [generate(model, p, max_new_tokens=12) for p in prompts]
+    assert len({len(p) for p in prompts}) == 4 and all(len(b) == 12 for b in batched)
+
+
+def test_batched_rows_stop_and_slide_independently(model):
+    # block_size 32: the 20-token prompt fills the window after 12 new tokens, the others later or never.
+    prompts = [list(range(4, 24)), [5, 6], [7, 8, 9, 10]]
+    alone = [generate(model, p, max_new_tokens=30) for p in prompts]
+    stop = alone[1][4]
+    alone_stopped = [generate(model, p, max_new_tokens=30, stop_token_ids=(stop,)) for p in prompts]
+    assert generate_batch(model, prompts, max_new_tokens=30) == alone
+    assert generate_batch(model, prompts, max_new_tokens=30, stop_token_ids=(stop,)) == alone_stopped
+    assert len(alone_stopped[1]) < 30

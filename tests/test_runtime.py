@@ -57,7 +57,8 @@ def scripted_lm(tok, tmp_path_factory):
     cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, tie_weights=False)
     model = GPT(cfg).eval()
     script = tok.encode(MULTIBYTE) + [tok.eos_id]
-    start = len(tok.encode("The")) - 1  # the position whose logits give the first new token
+    # The prompt is EOS + "The": the position of its last token gives the first new token.
+    start = len(tok.encode("The"))
     with torch.no_grad():
         for block in model.transformer.h:
             for proj in (block.attn.c_proj, block.mlp.c_proj):
@@ -102,7 +103,24 @@ def test_batch_of_four_prompts_gives_each_prompt_alone_tokens(random_lm):
     batch = random_lm.generate(prompts, cfg)
     for prompt, got in zip(prompts, batch, strict=True):
         assert got.token_ids == random_lm.generate(prompt, cfg)[0].token_ids
-    assert batch[3].prompt_tokens == 1  # an empty prompt starts from BOS
+    assert batch[3].prompt_tokens == 1  # an empty prompt is the start token alone
+
+
+def test_prompts_start_with_eos_as_pretraining_documents_do_unless_the_bundle_asks_for_bos(
+    random_lm, tmp_path
+):
+    ids = random_lm.encode("The quick")
+    assert random_lm._prompt_ids("The quick") == [random_lm.eos_id, *ids]
+    cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    g = random_lm.generate("The quick", cfg)[0]
+    assert g.prompt_tokens == len(ids) + 1
+    assert g.token_ids == random_lm.generate_ids([[random_lm.eos_id, *ids]], cfg)[0]
+    assert random_lm.generate_ids([[]], cfg) == random_lm.generate_ids([[random_lm.eos_id]], cfg)
+    bos = tmp_path / "bos"
+    shutil.copytree(random_lm.bundle, bos)
+    config = json.loads((bos / "config.json").read_text())
+    (bos / "config.json").write_text(json.dumps({**config, "add_bos": True}))
+    assert load_bundle(bos)._prompt_ids("The quick") == [random_lm.bos_id, *ids]
 
 
 def test_sampling_is_reproducible_with_a_seed_and_respects_top_k(random_lm):

@@ -198,7 +198,7 @@ def test_raw_stream_is_sse_with_usage_and_done(client):
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 6
 
 
-def test_empty_prompt_starts_from_bos(client):
+def test_empty_prompt_is_the_start_token_alone(client):
     r = client.post("/v1/completions", json={"prompt": "", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 1
 

@@ -1,0 +1,84 @@
+"""The LM scorer: special tokens cost no bits and add no bytes, and the torch scorer and the
+torch-free runtime give the same bits per byte on the same texts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from lm_fixtures import TEXT, random_lm_checkpoint
+
+from deploy.runtime import load_bundle
+from gpt.checkpoint import load_model
+from gpt.export import ExportConfig, export_bundle
+from gpt.scoring import evaluate_lm, score_texts, text_windows
+from gpt.tokenizer import EOS_ID, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """(torch model, tokenizer, runtime) for one random tiny LM and its exported bundle."""
+    root = tmp_path_factory.mktemp("scoring")
+    ckpt = random_lm_checkpoint(root, seed=3)
+    export_bundle(ckpt, root / "bundle", ExportConfig(greedy_tokens=0, parity_decode_steps=4))
+    model, _ = load_model(ckpt)
+    return model, Tokenizer(ckpt / "tokenizer.model"), load_bundle(root / "bundle")
+
+
+class Stream:
+    """The slice of gpt.data.ShardDataset that evaluate_lm reads, over an in-memory token array."""
+
+    split, shard_dir = "val", "<memory>"
+
+    def __init__(self, ids: list[int]):
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.num_tokens = len(ids)
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        return self.ids[start : start + length]
+
+
+def test_eos_targets_count_in_the_loss_but_in_neither_sum_of_bits_per_byte(lm):
+    model, tok, _ = lm
+    docs = [tok.encode(t) for t in ("The quick brown fox.", "Markets rose as investors cheered.", "sea")]
+    ids = [i for d in docs for i in (*d, EOS_ID)]
+    assert len(ids) <= model.config.block_size
+    got = evaluate_lm(model, Stream(ids), model.config.block_size, 2, tok.token_byte_lengths(), "cpu")
+    # Direct: one pass over the whole stream (it fits the context), targets ids[1:].
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]]))[0]
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none").double()
+    text = torch.tensor(ids[1:]) != EOS_ID
+    n_bytes = len(tok.decode(ids[1:]).encode("utf-8"))  # the targets' text; EOS decodes to nothing
+    assert got["val_tokens"] == len(ids) - 1 and got["val_bytes"] == n_bytes
+    assert got["val_loss"] == pytest.approx(float(nll.mean()), rel=1e-5)  # EOS included
+    assert got["val_bpb"] == pytest.approx(float(nll[text].sum()) / math.log(2) / n_bytes, rel=1e-5)
+    assert float(nll[~text].sum()) > 0.1  # the EOS losses left out were not negligible
+
+
+def test_windows_predict_every_token_after_the_first_once():
+    windows = text_windows(list(range(10)), 4)
+    assert [x for x, _ in windows] == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+    assert [t for _, y in windows for t in y] == list(range(1, 10))
+
+
+def test_torch_scorer_and_onnx_runtime_agree_on_bits_per_byte(lm):
+    model, tok, runtime = lm
+    texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        TEXT[:700],  # ~200 tokens: several windows of the 64-token context
+        "数据 😀 ok",  # not in the tokenizer's training text: byte-fallback pieces
+        "",  # skipped by both
+        "sea",
+    ]
+    assert len(tok.encode(TEXT[:700])) > 2 * model.config.block_size
+    torch_bpb = score_texts(model, tok, texts, batch_size=3)["bpb"]
+    numpy_bpb = runtime.bits_per_byte(texts)
+    assert abs(torch_bpb - numpy_bpb) < 1e-4, (torch_bpb, numpy_bpb)
+    # Per text too: the runtime's per-token log-probs are the torch scorer's, text by text.
+    for text in (t for t in texts if t):
+        one = score_texts(model, tok, [text])
+        assert one["n_bytes"] == len(text.encode("utf-8"))
+        assert -runtime.logprobs(text).sum() == pytest.approx(one["loss"] * one["n_tokens"], rel=1e-5)
