@@ -37,6 +37,7 @@ from gpt.checkpoint import (
     LATEST,
     TrainingCheckpoint,
     latest_checkpoint,
+    list_checkpoints,
     load_training_checkpoint,
     prune_checkpoints,
     rng_state,
@@ -200,6 +201,21 @@ class Checkpointer:
     def latest(self) -> TrainingCheckpoint | None:
         path = latest_checkpoint(self.run_dir)
         return load_training_checkpoint(path) if path is not None else None
+
+    def resume_point(self, resume: bool) -> TrainingCheckpoint | None:
+        """The latest checkpoint with ``resume`` (None when there is none yet); without it, None, and
+        a run directory that already holds checkpoints is refused rather than overwritten."""
+        if not resume:
+            if list_checkpoints(self.run_dir):
+                raise FileExistsError(
+                    f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, "
+                    "or choose another --out directory"
+                )
+            return None
+        ckpt = self.latest()
+        if ckpt is None:
+            log.info("no checkpoint in %s: starting a fresh run", self.run_dir)
+        return ckpt
 
     def save(self, step, module, optimizer, trainer_state, extra_tensors=None, **meta) -> Path:
         rngs = _gather(rng_state(), self.dd)

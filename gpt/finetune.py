@@ -1,14 +1,11 @@
 """Finetuning a pretrained GPT on one task: a classification head, or prompt → completion with the
 loss on the completion only; full, last-N-blocks or LoRA updates; early stopping on the val metric.
-
-The loop is pretraining's (``gpt.engine.Trainer``): gradient accumulation, DDP under torchrun,
-torch.compile, the NaN guard, the wall-clock budget and bit-exact resume come with it.
+The loop is pretraining's (``gpt.engine.Trainer``), with accumulation, DDP, compile, the NaN guard,
+the time budget and bit-exact resume.
 
     out_dir/best/          the finetuned model (LoRA merged into plain weights) + tokenizer.model
-    out_dir/checkpoints/   training checkpoints while a run is unfinished (with the best val weights
-    out_dir/latest         so far); removed when the run completes
-    out_dir/metrics.jsonl  one JSON record per step and per evaluation
-    out_dir/manifest.json  written last
+    out_dir/checkpoints/   while a run is unfinished: checkpoints with the best val weights so far
+    out_dir/metrics.jsonl  one JSON record per step and per evaluation; manifest.json is written last
 """
 
 from __future__ import annotations

@@ -28,10 +28,8 @@ import torch
 from gpt.checkpoint import (
     TOKENIZER,
     WEIGHTS,
-    TrainingCheckpoint,
     check_same_model,
     check_same_tokenizer,
-    list_checkpoints,
     load_model,
     prune_checkpoints,
     save_model_dir,
@@ -160,7 +158,10 @@ def _trainer(model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from,
         tok_path,
         tokenizer_hash=tok_hash,
     )
-    ckpt = _resume_point(checkpointer, resume, model_config, tok_hash, data_dir)
+    ckpt = checkpointer.resume_point(resume)
+    if ckpt is not None:
+        check_same_model(ckpt.meta["model"], model_config, ckpt.path)
+        check_same_tokenizer(ckpt.meta.get("tokenizer_hash"), tok_hash, ckpt.path, data_dir)
     model = _model(model_config, cfg.seed, None if ckpt else init_from, tok_hash, data_dir, device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
     block = model_config.block_size
@@ -231,26 +232,6 @@ def _lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -
     x, y = batch
     _, loss = model(x, y)
     return loss, x.numel()
-
-
-def _resume_point(
-    checkpointer: Checkpointer, resume: bool, model_config: ModelConfig, tokenizer_hash: str, data_dir: Path
-) -> TrainingCheckpoint | None:
-    """The checkpoint to continue from (``resume``), after checking it is this run's."""
-    if not resume:
-        if list_checkpoints(checkpointer.run_dir):
-            raise FileExistsError(
-                f"{checkpointer.run_dir} already holds checkpoints; pass --resume to continue that run, "
-                "or choose another --out directory"
-            )
-        return None
-    ckpt = checkpointer.latest()
-    if ckpt is None:
-        log.info("no checkpoint in %s: starting a fresh run", checkpointer.run_dir)
-        return None
-    check_same_model(ckpt.meta["model"], model_config, ckpt.path)
-    check_same_tokenizer(ckpt.meta.get("tokenizer_hash"), tokenizer_hash, ckpt.path, data_dir)
-    return ckpt
 
 
 def _model(model_config, seed, init_from, tokenizer_hash, data_dir, device) -> GPT:
