@@ -20,7 +20,7 @@ from typing import Any
 import mlflow
 
 from gpt.bundle import BundleConfig
-from gpt.train import Callbacks
+from gpt.engine import Callbacks
 
 log = logging.getLogger(__name__)
 

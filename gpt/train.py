@@ -57,7 +57,7 @@ from gpt.scoring import evaluate_lm
 from gpt.tokenizer import Tokenizer
 from gpt.train_config import TrainConfig
 
-__all__ = ["Callbacks", "TrainConfig", "TrainingDiverged", "evaluate_lm", "train"]
+__all__ = ["Callbacks", "TrainConfig", "TrainingDiverged", "train"]
 
 log = logging.getLogger(__name__)
 

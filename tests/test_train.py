@@ -24,8 +24,9 @@ from gpt.data import ShardConfig, ShardDataset, shard_corpus
 from gpt.io import read_json, read_manifest
 from gpt.model import GPT
 from gpt.optim import lr_at, param_groups
+from gpt.scoring import evaluate_lm
 from gpt.tokenizer import Tokenizer, TokenizerConfig
-from gpt.train import Callbacks, TrainConfig, TrainingDiverged, evaluate_lm, train
+from gpt.train import Callbacks, TrainConfig, TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "pretrain_tiny_losses.json"
