@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import mlflow
 from prefect import flow
@@ -39,7 +39,7 @@ from flows.shard import shard_task
 from flows.tokenizer import tokenizer_task
 from flows.tracking import LM_MODEL_NAME, configure, flat_params, numeric
 from gpt.checkpoint import WEIGHTS
-from gpt.config import ModelConfig
+from gpt.config import ModelConfig, Preset
 from gpt.data import ShardConfig
 from gpt.export import ExportConfig
 from gpt.finetune import FinetuneConfig
@@ -57,7 +57,7 @@ REPORT_KEY = "gptflow-report"
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(
-    preset: Literal["tiny", "cpu", "gpt2-124m"] = "cpu",
+    preset: Preset = "cpu",
     corpus: str = "bbc",
     tasks: list[str] = DEFAULT_TASKS,  # noqa: B006 (Prefect needs a literal default to render the form)
     vocab_size: Annotated[int, Field(ge=261, le=1_000_000)] | None = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import mlflow
 from prefect import flow
@@ -20,7 +20,7 @@ from flows.tracking import (
     numeric,
     stage_run,
 )
-from gpt.config import ModelConfig
+from gpt.config import ModelConfig, Preset
 from gpt.io import read_manifest
 from gpt.train import train
 from gpt.train_config import TrainConfig
@@ -68,7 +68,7 @@ def pretrain_task(
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(
     data: str,
-    preset: Literal["tiny", "cpu", "gpt2-124m"] = "cpu",
+    preset: Preset = "cpu",
     max_steps: Annotated[int, Field(gt=0)] | None = None,
     max_time: Annotated[float, Field(ge=0)] | None = None,
     workdir: str = "artifacts",
