@@ -1,7 +1,8 @@
 """The main job: tokenizer → shard → pretrain → export LM → per task (finetune → evaluate → export).
 
-Only chaining lives here; each stage is a cached task in its own module. One MLflow parent run per
-pipeline run, a nested run per stage that actually ran; a markdown report artifact in Prefect.
+Only chaining lives here; each stage is a cached task in its own module, beside the flow that runs it
+alone. One MLflow parent run per pipeline run, a nested run per stage that actually ran; a markdown
+report artifact in Prefect.
 """
 
 from __future__ import annotations

@@ -74,15 +74,26 @@ def pretrain_flow(
     workdir: str = "artifacts",
     mlruns: str = "mlruns",
 ) -> dict:
-    """Pretrain a GPT preset on a shard directory (bf16 autocast where the CPU/GPU supports it)."""
+    """Pretrain a GPT preset on a shard directory (bf16 autocast where the CPU/GPU supports it); a
+    re-run after a crash resumes from the last checkpoint. The same cached task as the pipeline's.
+
+    Args:
+        data: shard directory (the shard flow's output); its tokenizer decides the vocabulary size.
+        preset: model shape and training recipe.
+        max_steps: optimizer steps (default: the preset's).
+        max_time: wall-clock budget in seconds (default: none).
+        workdir: output root; the run goes to WORKDIR/pretrain/FINGERPRINT, the model to its best/.
+        mlruns: local MLflow store (ignored when MLFLOW_TRACKING_URI is set).
+    """
     quiet_defaults()
     configure(mlruns)
     overrides = {k: v for k, v in dict(max_steps=max_steps, max_time=max_time).items() if v is not None}
     train_cfg = TrainConfig.preset(preset, **overrides)
     return run_stage(
         pretrain_task,
+        workdir,
         model=ModelConfig.preset(preset).to_dict(),
         train_config=train_cfg.to_dict(),
-        data=str(Path(data)),
-        workdir=workdir,
+        data=str(Path(data).resolve()),
+        init_from=None,
     )
