@@ -12,6 +12,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BUNDLE = "bundle"  # the folder an export stage writes its bundle into
+LM_NAME = "gptflow-lm"  # what the pipeline registers its language model as (flows.tracking.LM_MODEL_NAME)
 CONFIG = "config.json"
 
 
