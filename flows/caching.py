@@ -210,11 +210,11 @@ def stage_module(fn) -> str:
     """Dotted name of the module that defines ``fn``, from its file: a deployment's entrypoint
     ``flows/shard.py:shard_flow`` makes Prefect run that file as a module named ``shard``, and the
     stage's code and fingerprint must be those of ``flows.shard`` all the same."""
-    try:
-        path = Path(inspect.getsourcefile(fn) or "").resolve()
-        return ".".join(path.relative_to(ROOT).with_suffix("").parts)
-    except (TypeError, ValueError):  # defined outside this checkout (a test's own task)
+    source = inspect.getsourcefile(fn)
+    path = Path(source).resolve() if source else None
+    if path is None or not path.is_relative_to(ROOT):  # defined outside this checkout (a test's task)
         return fn.__module__
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
 
 
 # --------------------------------------------------------------------------------------------------
