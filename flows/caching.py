@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -205,6 +206,17 @@ def source_hash(module: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def stage_module(fn) -> str:
+    """Dotted name of the module that defines ``fn``, from its file: a deployment's entrypoint
+    ``flows/shard.py:shard_flow`` makes Prefect run that file as a module named ``shard``, and the
+    stage's code and fingerprint must be those of ``flows.shard`` all the same."""
+    source = inspect.getsourcefile(fn)
+    path = Path(source).resolve() if source else None
+    if path is None or not path.is_relative_to(ROOT):  # defined outside this checkout (a test's task)
+        return fn.__module__
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
 # --------------------------------------------------------------------------------------------------
 # Stage keys
 
@@ -245,7 +257,7 @@ def stage_cache_key(context, parameters: dict[str, Any]) -> str:
     name = context.task.name
     where = str(Path(parameters["out_dir"]).resolve())
     store = mlflow.get_tracking_uri()
-    fp = fingerprint(name, context.task.fn.__module__, **stage_inputs(parameters))
+    fp = fingerprint(name, stage_module(context.task.fn), **stage_inputs(parameters))
     salt = hashlib.sha256(f"{where}\0{store}".encode()).hexdigest()[:12]
     return f"gptflow-{name}-{salt}-{fp}"
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 
-from flows.caching import is_complete, stage_cache_key, stage_dir, stage_inputs
+from flows.caching import is_complete, stage_cache_key, stage_dir, stage_inputs, stage_module
 
 TELEMETRY_OFF = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -45,12 +46,15 @@ def call_stage(stage_fn, workdir: str, **params: Any) -> tuple[dict[str, Any], s
     Returns (result, Prefect state name: "Completed" or "Cached"). A cache entry whose output
     directory has gone missing or was never finished is refreshed instead of trusted.
     """
-    out_dir = stage_dir(stage_fn.name, workdir, stage_fn.fn.__module__, **stage_inputs(params))
+    out_dir = stage_dir(stage_fn.name, workdir, stage_module(stage_fn.fn), **stage_inputs(params))
     fn = stage_fn.with_options(refresh_cache=not is_complete(out_dir))
     state = fn(**params, out_dir=str(out_dir), return_state=True)
     return state.result(), state.name
 
 
 def run_stage(stage_fn, workdir: str, **params: Any) -> dict[str, Any]:
-    """``call_stage`` for a single-stage flow: just the result."""
-    return call_stage(stage_fn, workdir, **params)[0]
+    """``call_stage`` for a single-stage flow: absolute output paths (the next stage's inputs, valid from
+    any directory), and a log line that says where they are and whether the stage ran or was cached."""
+    result, state = call_stage(stage_fn, str(Path(workdir).resolve()), **params)
+    get_run_logger().info("%s %s: %s", stage_fn.name, state, result["dir"])
+    return result

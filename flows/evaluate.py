@@ -11,6 +11,7 @@ from flows.caching import is_complete
 from flows.common import quiet_defaults, run_stage, stage_task
 from flows.tracking import configure, log_dir, numeric, stage_run
 from gpt.evaluate import evaluate
+from gpt.finetune import resolve_model_dir
 from gpt.io import read_json, read_manifest
 
 
@@ -37,7 +38,18 @@ def evaluate_flow(
     workdir: str = "artifacts",
     mlruns: str = "mlruns",
 ) -> dict:
-    """Task metric on the test split + baseline (TF-IDF/LR, lead-1, or the un-finetuned model)."""
+    """The task's metric on its test split, beside baselines on the same split (TF-IDF + logistic
+    regression, lead-1, nearest-train, the un-finetuned model). The same cached task as the pipeline's.
+
+    Args:
+        task: the task the model was finetuned on (a built-in name or the same .csv/.jsonl file).
+        checkpoint: finetuning run directory (the finetune flow's output; uses its best/) or a model directory.
+        pretrained: the un-finetuned model (run or model directory) for its baseline and bits per byte.
+        workdir: output root; the report goes to WORKDIR/evaluate/FINGERPRINT/metrics.json.
+        mlruns: local MLflow store (ignored when MLFLOW_TRACKING_URI is set).
+    """
     quiet_defaults()
     configure(mlruns)
-    return run_stage(evaluate_task, task=task, checkpoint=checkpoint, pretrained=pretrained, workdir=workdir)
+    checkpoint = str(resolve_model_dir(checkpoint).resolve())
+    pretrained = str(resolve_model_dir(pretrained).resolve()) if pretrained else None
+    return run_stage(evaluate_task, workdir, task=task, checkpoint=checkpoint, pretrained=pretrained)

@@ -15,10 +15,13 @@ from flows.common import quiet_defaults, run_stage, stage_task
 from flows.promotion import DEFAULT_MIN_IMPROVEMENT, lm_eval_set, task_eval_set
 from flows.registry import register_candidate
 from flows.tracking import LM_MODEL_NAME, configure, flat_params, log_dir, numeric, stage_run
-from gpt.bundle import BUNDLE_DIR, BundleConfig
+from gpt.bundle import BUNDLE_DIR
+from gpt.checkpoint import read_model_meta
 from gpt.corpora import load_corpus
 from gpt.export import ExportConfig, export_bundle
+from gpt.finetune import resolve_model_dir
 from gpt.io import read_manifest, write_manifest
+from gpt.tasks import get_task
 
 
 @stage_task("export", retries=1)
@@ -64,29 +67,43 @@ def held_out_text(corpus: str, max_chars: int = 100_000) -> str:
 def export_flow(
     checkpoint: str,
     eval_data: str,
-    registered_name: str = LM_MODEL_NAME,
+    registered_name: str | None = None,
     min_improvement: Annotated[float, Field(ge=0)] = DEFAULT_MIN_IMPROVEMENT,
     quantize: bool = False,
     workdir: str = "artifacts",
     mlruns: str = "mlruns",
 ) -> dict:
-    """Export a model dir to ONNX (parity-checked) and register it; it becomes ``champion`` only if it
-    beats the champion on ``eval_data`` (LM: a corpus's held-out documents; classifier: a task's test
-    split), both scored here on the same items."""
+    """Export a model to a parity-checked ONNX bundle and register it in MLflow; the new version
+    becomes ``champion`` only if it beats the champion on ``eval_data``, both scored here on the same
+    items. The same cached task and registration as the pipeline's.
+
+    Args:
+        checkpoint: pretraining or finetuning run directory (uses its best/), or a model directory.
+        eval_data: what to compare against the champion on: for a language model a corpus (its held-out
+            documents, bits per byte), for a classifier its task (the test split, the task's metric).
+        registered_name: registry name (default: gptflow-lm, or gptflow-TASK for a classifier of TASK).
+        min_improvement: how much the new version must beat the champion by to be promoted.
+        quantize: also export an int8 bundle (for a language model, its bits-per-byte cost on eval_data).
+        workdir: output root; the bundle goes to WORKDIR/export/FINGERPRINT/bundle.
+        mlruns: local MLflow store (ignored when MLFLOW_TRACKING_URI is set).
+    """
     quiet_defaults()
     configure(mlruns)
+    model_dir = resolve_model_dir(checkpoint).resolve()
+    kind = "classifier" if read_model_meta(model_dir)["model"].get("n_classes", 0) > 0 else "lm"
+    name = registered_name or (LM_MODEL_NAME if kind == "lm" else f"gptflow-{get_task(eval_data).name}")
     cfg = ExportConfig(quantize="int8" if quantize else "none")
-    with mlflow.start_run(run_name=f"export-{registered_name}") as run:
+    with mlflow.start_run(run_name=f"export-{name}") as run:
         out = run_stage(
             export_task,
-            checkpoint=checkpoint,
+            workdir,
+            checkpoint=str(model_dir),
             config=cfg.to_dict(),
-            workdir=workdir,
+            eval_corpus=eval_data if quantize and kind == "lm" else None,
             parent_run_id=run.info.run_id,
         )
-        kind = BundleConfig.read(out["bundle"]).kind
         make_eval_set = functools.partial(lm_eval_set if kind == "lm" else task_eval_set, eval_data)
         out["promotion"] = register_candidate(
-            out["bundle"], registered_name, out["build"], make_eval_set, min_improvement, run.info.run_id
+            out["bundle"], name, out["build"], make_eval_set, min_improvement, run.info.run_id
         )
     return out

@@ -12,7 +12,7 @@ from pydantic import Field
 from flows.caching import is_complete
 from flows.common import quiet_defaults, run_stage, stage_task
 from flows.tracking import MlflowCallbacks, configure, flat_params, numeric, stage_run
-from gpt.finetune import FinetuneConfig, finetune, resolve_model_dir
+from gpt.finetune import METHODS, FinetuneConfig, finetune, resolve_model_dir
 from gpt.io import read_manifest
 
 
@@ -34,15 +34,27 @@ def finetune_task(
 def finetune_flow(
     task: str,
     pretrained: str,
-    method: Literal["full", "freeze", "lora"] = "full",
+    method: Literal[METHODS] | None = None,
     epochs: Annotated[int, Field(gt=0)] | None = None,
     lr: Annotated[float, Field(gt=0)] | None = None,
     workdir: str = "artifacts",
     mlruns: str = "mlruns",
 ) -> dict:
-    """Finetune the pretraining run in ``pretrained`` on a built-in task or a CSV/JSONL task file."""
+    """Finetune a pretrained model on a built-in task or a CSV/JSONL task file, with the task's
+    recommended settings unless overridden. The same cached task as the pipeline's.
+
+    Args:
+        task: built-in task (bbc-topic, zh-sentiment, bbc-headline, qa) or a .csv/.jsonl task file.
+        pretrained: pretraining run directory (the pretrain flow's output; uses its best/) or a model directory.
+        method: full, freeze (only the last blocks train) or lora (default: the task's, else full).
+        epochs: passes over the train split (default: the task's).
+        lr: peak learning rate (default: the task's).
+        workdir: output root; the run goes to WORKDIR/finetune/FINGERPRINT, the model to its best/.
+        mlruns: local MLflow store (ignored when MLFLOW_TRACKING_URI is set).
+    """
     quiet_defaults()
     configure(mlruns)
     overrides = {k: v for k, v in dict(method=method, epochs=epochs, lr=lr).items() if v is not None}
     cfg = FinetuneConfig.for_task(task, **overrides)
-    return run_stage(finetune_task, task=task, config=cfg.to_dict(), pretrained=pretrained, workdir=workdir)
+    pretrained = str(Path(pretrained).resolve())
+    return run_stage(finetune_task, workdir, task=task, config=cfg.to_dict(), pretrained=pretrained)

@@ -1,7 +1,8 @@
 """The main job: tokenizer → shard → pretrain → export LM → per task (finetune → evaluate → export).
 
-Only chaining lives here; each stage is a cached task in its own module. One MLflow parent run per
-pipeline run, a nested run per stage that actually ran; a markdown report artifact in Prefect.
+Only chaining lives here; each stage is a cached task in its own module, beside the flow that runs it
+alone. One MLflow parent run per pipeline run, a nested run per stage that actually ran; a markdown
+report artifact in Prefect.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import mlflow
 from prefect import flow
@@ -40,7 +41,7 @@ from flows.tokenizer import tokenizer_task
 from flows.tracking import LM_MODEL_NAME, configure, flat_params, numeric
 from gpt.bundle import TOKENIZER_FILE
 from gpt.checkpoint import WEIGHTS
-from gpt.config import ModelConfig
+from gpt.config import ModelConfig, Preset
 from gpt.data import ShardConfig
 from gpt.export import ExportConfig
 from gpt.finetune import FinetuneConfig
@@ -57,7 +58,7 @@ REPORT_KEY = "gptflow-report"
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(
-    preset: Literal["tiny", "cpu", "gpt2-124m"] = "cpu",
+    preset: Preset = "cpu",
     corpus: str = "bbc",
     tasks: list[str] = DEFAULT_TASKS,  # noqa: B006 (Prefect needs a literal default to render the form)
     vocab_size: Annotated[int, Field(ge=261, le=1_000_000)] | None = None,

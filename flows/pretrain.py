@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import mlflow
 from prefect import flow
@@ -20,7 +20,7 @@ from flows.tracking import (
     numeric,
     stage_run,
 )
-from gpt.config import ModelConfig
+from gpt.config import ModelConfig, Preset
 from gpt.io import read_manifest
 from gpt.train import train
 from gpt.train_config import TrainConfig
@@ -68,21 +68,32 @@ def pretrain_task(
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(
     data: str,
-    preset: Literal["tiny", "cpu", "gpt2-124m"] = "cpu",
+    preset: Preset = "cpu",
     max_steps: Annotated[int, Field(gt=0)] | None = None,
     max_time: Annotated[float, Field(ge=0)] | None = None,
     workdir: str = "artifacts",
     mlruns: str = "mlruns",
 ) -> dict:
-    """Pretrain a GPT preset on a shard directory (bf16 autocast where the CPU/GPU supports it)."""
+    """Pretrain a GPT preset on a shard directory (bf16 autocast where the CPU/GPU supports it); a
+    re-run after a crash resumes from the last checkpoint. The same cached task as the pipeline's.
+
+    Args:
+        data: shard directory (the shard flow's output); its tokenizer decides the vocabulary size.
+        preset: model shape and training recipe.
+        max_steps: optimizer steps (default: the preset's).
+        max_time: wall-clock budget in seconds (default: none).
+        workdir: output root; the run goes to WORKDIR/pretrain/FINGERPRINT, the model to its best/.
+        mlruns: local MLflow store (ignored when MLFLOW_TRACKING_URI is set).
+    """
     quiet_defaults()
     configure(mlruns)
     overrides = {k: v for k, v in dict(max_steps=max_steps, max_time=max_time).items() if v is not None}
     train_cfg = TrainConfig.preset(preset, **overrides)
     return run_stage(
         pretrain_task,
+        workdir,
         model=ModelConfig.preset(preset).to_dict(),
         train_config=train_cfg.to_dict(),
-        data=str(Path(data)),
-        workdir=workdir,
+        data=str(Path(data).resolve()),
+        init_from=None,
     )

@@ -9,11 +9,12 @@ import mlflow
 from prefect import flow
 from pydantic import Field
 
-from flows.caching import is_complete
+from flows.caching import is_complete, pin_corpus
 from flows.common import quiet_defaults, run_stage, stage_task
 from flows.tracking import configure, flat_params, numeric, stage_run
 from gpt.data import ShardConfig, shard_corpus
 from gpt.io import MANIFEST, read_manifest
+from gpt.tokenizer import MODEL_FILE
 
 
 @stage_task("shard", retries=1)
@@ -40,8 +41,22 @@ def shard_flow(
     workdir: str = "artifacts",
     mlruns: str = "mlruns",
 ) -> dict:
-    """Shard a corpus into uint16/uint32 token files (train/val) with a checksummed manifest."""
+    """Split a corpus into train/val/test documents and tokenize train/val into uint16/uint32 shards
+    with a checksummed manifest. The same cached task as the pipeline's shard stage.
+
+    Args:
+        tokenizer: tokenizer.model file, or the directory holding it (the tokenizer flow's output).
+        corpus: built-in corpus, a local file or directory, or hf:NAME (the one the tokenizer saw).
+        val_fraction: fraction of documents in the val split (assigned by a hash of each document).
+        test_fraction: fraction of documents held out for testing (not sharded).
+        workdir: output root; the shards go to WORKDIR/shard/FINGERPRINT.
+        mlruns: local MLflow store (ignored when MLFLOW_TRACKING_URI is set).
+    """
     quiet_defaults()
     configure(mlruns)
     cfg = ShardConfig(val_fraction=val_fraction, test_fraction=test_fraction)
-    return run_stage(shard_task, corpus=corpus, tokenizer=tokenizer, config=cfg.to_dict(), workdir=workdir)
+    model = Path(tokenizer).resolve()
+    model = model / MODEL_FILE if model.is_dir() else model  # the pipeline's input: the same fingerprint
+    return run_stage(
+        shard_task, workdir, corpus=pin_corpus(corpus), tokenizer=str(model), config=cfg.to_dict()
+    )

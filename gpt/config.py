@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -157,3 +157,9 @@ class ModelConfig(ConfigBase):
         if name not in cls.PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
         return cls(**{**cls.PRESETS[name], **overrides})
+
+
+# The preset names, defined once: ModelConfig's presets, and TrainConfig's of the same names (a test
+# keeps them equal). The CLI's --preset choices and the flows' `preset` parameter derive from these.
+PRESETS: tuple[str, ...] = tuple(ModelConfig.PRESETS)
+Preset = Literal[PRESETS]  # a Literal over the tuple: Prefect's form renders it as a choice (an enum)

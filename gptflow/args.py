@@ -2,17 +2,22 @@
 
 Each field becomes ``--field-name``; its help text is the comment after the field in the source.
 Options default to ``None`` so that only flags the user gave override a preset or a YAML file.
+Every command merges its config the same way (``merged_fields``): defaults < ``--config`` YAML < flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 _FIELD_LINE = re.compile(r"^\s+(\w+)\s*:\s*[^=]+=\s*.+?#\s*(.+)$")
 
@@ -75,3 +80,80 @@ def config_overrides(args: argparse.Namespace, cls: type, prefix: str = "") -> d
         if value is not None:
             out[f.name] = tuple(value) if isinstance(value, list) else value
     return out
+
+
+def _init_fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _checked(path: Path, data: dict[str, Any], cls: type, where: str = "") -> dict[str, Any]:
+    """``data`` if every key is a field of ``cls``; else an error naming the key, the file and the fix."""
+    known = _init_fields(cls)
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(
+                f"{path}{where}: unknown {cls.__name__} field {key!r}; {hint}known fields: {', '.join(known)}"
+            )
+    return dict(data)
+
+
+def read_config_file(path: str | Path | None, schema: type | dict[str, type]) -> dict[str, Any]:
+    """The fields a ``--config`` YAML file sets (none for no file), their names checked.
+
+    ``schema`` a dataclass: the file is a flat mapping of its fields. ``{section: dataclass}``: the file
+    holds those sections (``model:``, ``train:``), each a mapping of fields; returns ``{section: fields}``.
+    Values are checked where the config is built, after the file's fields are applied.
+    """
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from e
+    data = {} if data is None else data
+    if not isinstance(schema, dict):
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{path} must be a mapping of {schema.__name__} fields (field: value), "
+                f"got a {type(data).__name__}"
+            )
+        return _checked(path, data, schema)
+    names = ", ".join(f"`{s}:`" for s in schema)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must be a mapping with {names} sections, got a {type(data).__name__}")
+    unknown = [k for k in data if k not in schema]
+    if unknown:
+        raise ValueError(f"{path}: unknown section {unknown[0]!r}; the file may hold {names} sections")
+    out = {}
+    for section, cls in schema.items():
+        fields = data.get(section) or {}
+        if not isinstance(fields, dict):
+            raise ValueError(
+                f"{path}: section `{section}:` must be a mapping of {cls.__name__} fields (field: value), "
+                f"got a {type(fields).__name__}: {fields!r}"
+            )
+        out[section] = _checked(path, fields, cls, where=f", section `{section}:`")
+    return out
+
+
+def merged_fields(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, Any]:
+    """defaults < ``--config`` YAML file (``args.config``) < flags given on the command line.
+
+    Returns only the fields the file or the flags set, so the caller applies them over whatever the
+    defaults are (the dataclass's, a preset's, a task's): a key the file leaves out changes nothing.
+    """
+    return {**read_config_file(args.config, cls), **config_overrides(args, cls, prefix)}
+
+
+def merged_sections(args: argparse.Namespace, sections: dict[str, tuple[type, str]]) -> dict[str, dict]:
+    """``merged_fields`` for a YAML file made of sections: ``{section: (dataclass, flag prefix)}``."""
+    file = read_config_file(args.config, {name: cls for name, (cls, _) in sections.items()})
+    return {
+        name: {**file.get(name, {}), **config_overrides(args, cls, prefix)}
+        for name, (cls, prefix) in sections.items()
+    }

@@ -11,6 +11,8 @@ from pathlib import Path
 from gpt.bundle import BUNDLE_DIR, CONFIG_FILE, BundleConfig
 from gpt.io import MANIFEST
 
+LM_NAME = "gptflow-lm"  # what the pipeline registers its language model as (flows.tracking.LM_MODEL_NAME)
+
 log = logging.getLogger(__name__)
 
 

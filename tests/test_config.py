@@ -1,8 +1,12 @@
-"""ModelConfig: presets, YAML round-trip, and validation messages that name the field."""
+"""ModelConfig: presets (one list of names for every user), YAML round-trip, and validation messages
+that name the field."""
+
+import argparse
 
 import pytest
 
-from gpt.config import ModelConfig
+from gpt.config import PRESETS, ModelConfig
+from gpt.train_config import TrainConfig
 
 
 def test_yaml_round_trip_preserves_every_field():
@@ -48,3 +52,16 @@ def test_unknown_yaml_field_is_rejected():
 def test_unknown_preset_is_rejected():
     with pytest.raises(ValueError, match="tiny, cpu, gpt2-124m"):
         ModelConfig.preset("huge")
+
+
+def test_every_model_preset_has_a_training_recipe_of_the_same_name():
+    assert tuple(TrainConfig.PRESETS) == tuple(ModelConfig.PRESETS) == PRESETS
+
+
+@pytest.mark.parametrize("command", ["pretrain", "pipeline"])
+def test_cli_preset_choices_are_the_config_presets(command):
+    from gptflow.cli import build_parser
+
+    commands = next(a for a in build_parser([command])._actions if isinstance(a, argparse._SubParsersAction))
+    option = next(a for a in commands.choices[command]._actions if a.dest == "preset")
+    assert tuple(option.choices) == PRESETS

@@ -1,4 +1,5 @@
-"""deploy/prefect.yaml against a real Prefect server on loopback: deploy, schedule, worker, run."""
+"""deploy/prefect.yaml: every deployment loads as a flow that accepts its parameters, every flow is
+deployed; then against a real Prefect server on loopback: deploy, schedule, worker, run."""
 
 from __future__ import annotations
 
@@ -14,9 +15,76 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
+
+from gpt.config import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sysconfig.get_path("scripts")) / "prefect")
+DEPLOYMENTS = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text(encoding="utf-8"))["deployments"]
+STAGES = ("tokenizer", "shard", "pretrain", "finetune", "evaluate", "export")
+
+
+def load_entrypoint(entrypoint: str, monkeypatch):
+    """The flow as a process worker loads it: the entrypoint's file, from the repository root."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    monkeypatch.chdir(ROOT)
+    return load_flow_from_entrypoint(entrypoint)
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["name"])
+def test_deployment_entrypoint_is_a_flow_that_accepts_its_parameters(deployment, monkeypatch):
+    from prefect import Flow
+    from prefect.utilities.callables import parameter_schema
+
+    flow = load_entrypoint(deployment["entrypoint"], monkeypatch)
+    assert isinstance(flow, Flow)
+    schema = parameter_schema(flow).model_dump()
+    params = deployment.get("parameters") or {}
+    assert set(params) <= set(schema["properties"]), "a parameter the flow does not take"
+    # The UI's form asks for the required inputs (paths to earlier outputs) the YAML leaves unset.
+    required = {name: "some/path" for name in schema.get("required", []) if name not in params}
+    flow.validate_parameters({**required, **params})  # raises on a wrong type or a value out of range
+
+
+def test_every_flow_in_flows_is_deployed():
+    import importlib
+    import pkgutil
+
+    from prefect import Flow
+
+    import flows
+
+    defined = set()
+    for info in pkgutil.iter_modules(flows.__path__):
+        module = importlib.import_module(f"flows.{info.name}")
+        defined |= {
+            f"flows/{info.name}.py:{name}"
+            for name, obj in vars(module).items()
+            if isinstance(obj, Flow) and obj.fn.__module__ == module.__name__
+        }
+    assert defined == {d["entrypoint"] for d in DEPLOYMENTS}
+
+
+@pytest.mark.parametrize("entrypoint", ["flows/pipeline.py:pipeline", "flows/pretrain.py:pretrain_flow"])
+def test_preset_renders_as_a_choice_of_the_config_presets(entrypoint, monkeypatch):
+    from prefect.utilities.callables import parameter_schema
+
+    preset = parameter_schema(load_entrypoint(entrypoint, monkeypatch)).model_dump()["properties"]["preset"]
+    assert preset["enum"] == list(PRESETS)
+
+
+def test_a_stage_deployment_fingerprints_its_stage_as_the_pipeline_does(monkeypatch):
+    """Prefect runs ``flows/shard.py`` as a module named ``shard``; its task's code identity (and so its
+    output directory and cache key) must still be ``flows.shard``'s, the module the pipeline imports."""
+    from flows.caching import stage_module
+    from flows.shard import shard_task
+
+    loaded = load_entrypoint("flows/shard.py:shard_flow", monkeypatch).fn.__globals__["shard_task"]
+    assert loaded.fn.__module__ != "flows.shard"  # the premise: a module loaded from its file
+    assert stage_module(loaded.fn) == stage_module(shard_task.fn) == "flows.shard"
+
 
 # Reads deployments and waits for the newest run of pipeline/pipeline; prints JSON.
 CLIENT_SCRIPT = """
@@ -119,9 +187,9 @@ def test_prefect_yaml_deploys_schedules_and_runs_on_a_process_worker(tmp_path):
         cli("--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml", timeout=300)
 
         deployments = client("deployments")
-        assert set(deployments) == {"pipeline", "retrain"}
+        assert set(deployments) == {"pipeline", "retrain", *STAGES}
         assert deployments["retrain"]["crons"] == ["0 3 * * 1"]
-        assert deployments["pipeline"]["crons"] == []
+        assert all(deployments[name]["crons"] == [] for name in ("pipeline", *STAGES))
         retrain = deployments["retrain"]["parameters"]
         assert retrain["init_from"] == "models:/gptflow-lm@champion" and retrain["corpus"] != "bbc"
         assert all(d["pool"] == "gptflow" for d in deployments.values())

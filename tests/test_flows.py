@@ -111,7 +111,7 @@ def test_pipeline_runs_every_stage_and_tracks_it_in_mlflow(first_run):
 
 
 @pytest.mark.slow
-def test_report_and_summary_show_the_numbers_of_metrics_json(first_run, monkeypatch, capsys):
+def test_report_and_summary_show_the_numbers_of_metrics_json(first_run):
     from prefect.artifacts import Artifact
 
     from flows.pipeline import REPORT_KEY, render_summary
@@ -133,9 +133,67 @@ def test_report_and_summary_show_the_numbers_of_metrics_json(first_run, monkeypa
     assert f"val bits per byte: **{bpb}**" in report and f"val bits per byte {bpb}" in summary
     assert f"gptflow generate --bundle {result['results']['export_lm']['bundle']}" in summary
 
-    monkeypatch.chdir(root)  # `gptflow generate` right after the pipeline finds its newest LM bundle
+
+def newest_lm_bundle(root: Path, result: dict) -> Path:
+    """The first run's LM bundle, as a command run in ``root`` names it (these tests run before the
+    re-runs below, so it is still the newest)."""
+    return Path(result["results"]["export_lm"]["bundle"]).relative_to(root.resolve())
+
+
+@pytest.mark.slow
+def test_generate_without_bundle_uses_the_newest_pipeline_lm_bundle(first_run, monkeypatch, capsys, caplog):
+    root, result, _ = first_run
+    monkeypatch.chdir(root)  # where the pipeline ran: its outputs are in ./artifacts
     assert cli(["generate", "The market", "-n", "6"]) == 0
     assert capsys.readouterr().out.strip()
+    assert f"using {newest_lm_bundle(root, result)} " in caplog.text  # it says which bundle it took
+
+
+@pytest.mark.slow
+def test_serve_without_bundle_serves_the_newest_pipeline_lm_bundle(first_run, monkeypatch, caplog):
+    import deploy.server
+    from flows.tracking import LM_MODEL_NAME
+
+    root, result, _ = first_run
+    served = []
+    monkeypatch.setattr(deploy.server, "serve", lambda app, config, **kw: served.append(app))
+    monkeypatch.chdir(root)
+    assert cli(["serve", "--port", "0"]) == 0
+    assert f"using {newest_lm_bundle(root, result)} " in caplog.text
+    # Under the name the registry and the README's OpenAI example use, not the folder's (`bundle`).
+    assert served[0].state.models.ids() == [LM_MODEL_NAME]
+
+
+@pytest.mark.slow
+def test_bundle_may_name_the_export_stage_directory(first_run, monkeypatch, capsys):
+    import deploy.server
+
+    root, result, _ = first_run
+    lm_stage = result["results"]["export_lm"]["dir"]
+    topic_stage = result["results"]["tasks"]["bbc-topic"]["export"]["dir"]
+    assert cli(["generate", "--bundle", lm_stage, "The market", "-n", "6"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli(["classify", "--bundle", topic_stage, "Arsenal won the cup final"]) == 0
+    labels = json.loads((Path(topic_stage) / "bundle" / "config.json").read_text())["labels"]
+    assert json.loads(capsys.readouterr().out)["label"] in labels
+    served = []
+    monkeypatch.setattr(deploy.server, "serve", lambda app, config, **kw: served.append(app))
+    assert cli(["serve", "--bundle", lm_stage, "--classifier", topic_stage, "--port", "0"]) == 0
+    assert len(served[0].state.models.ids()) == 2  # the language model and the classifier
+
+
+@pytest.mark.slow
+def test_stage_flows_reuse_the_pipelines_finished_outputs(first_run):
+    from flows.shard import shard_flow
+    from flows.tokenizer import tokenizer_flow
+
+    root, _, _ = first_run
+    where = dict(workdir=str(root / "artifacts"), mlruns=str(root / "mlruns"))
+    before = sorted((root / "artifacts").glob("*/*"))
+    tok = tokenizer_flow(corpus="bbc", vocab_size=512, **where)  # the tiny preset's vocabulary
+    shards = shard_flow(tokenizer=tok["dir"], corpus="bbc", **where)
+    assert sorted((root / "artifacts").glob("*/*")) == before  # nothing new: the same fingerprints
+    assert {Path(tok["dir"]), Path(shards["dir"])} <= set(before)
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ def test_generate_and_serve_commands_parse_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "from gptflow.cli import build_parser\n"
-        "for argv in (['generate', '--bundle', 'b', 'hi'], ['serve', '--bundle', 'b']):\n"
+        "for argv in (['generate', '--bundle', 'b', 'hi'], ['generate', 'hi'], ['serve', '--bundle', 'b'], ['serve']):\n"
         "    assert build_parser(argv).parse_args(argv).command == argv[0]\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from gptflow.args import add_config_args, config_overrides
+from gptflow.args import add_config_args, merged_fields
 
 HELP = "export a checkpoint to an ONNX bundle (KV-cache decoder or classifier), parity-checked"
 
@@ -44,8 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gpt.export import ExportConfig, export_bundle
 
-    base = ExportConfig.from_yaml(args.config).to_dict() if args.config else {}
-    config = ExportConfig.from_dict({**base, **config_overrides(args, ExportConfig)})
+    config = ExportConfig.from_dict(merged_fields(args, ExportConfig))
     eval_text = None
     if args.eval_text:
         if not args.eval_text.is_file():

@@ -6,9 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
-from gptflow.args import add_config_args, config_overrides
+from gptflow.args import add_config_args, merged_fields
 
 HELP = "finetune a pretrained checkpoint on a task (classification head or prompt → completion)"
 
@@ -34,18 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser, FinetuneConfig)
 
 
-def run(args: argparse.Namespace) -> int:
-    from gpt.finetune import FinetuneConfig, finetune, resolve_model_dir
+def build_config(args: argparse.Namespace):
+    """The task's defaults < --config YAML < command-line flags."""
+    from gpt.finetune import FinetuneConfig
 
-    fields = {}
-    if args.config is not None:
-        if not args.config.is_file():
-            raise FileNotFoundError(f"--config file not found: {args.config}")
-        # Only the keys the file sets override the task's defaults (from_yaml also checks the names).
-        FinetuneConfig.from_yaml(args.config)
-        fields = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
-    fields.update(config_overrides(args, FinetuneConfig))
-    config = FinetuneConfig.for_task(args.task, **fields)
+    return FinetuneConfig.for_task(args.task, **merged_fields(args, FinetuneConfig))
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpt.finetune import finetune, resolve_model_dir
+
+    config = build_config(args)
     result = finetune(args.task, resolve_model_dir(args.checkpoint), args.out, config)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from gpt.config import PRESETS
+
 HELP = "run tokenizer → shard → pretrain → finetune/evaluate per task → ONNX export, tracked in MLflow"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--preset", choices=["tiny", "cpu", "gpt2-124m"], default="cpu", help="model + training preset"
-    )
+    p.add_argument("--preset", choices=PRESETS, default="cpu", help="model + training preset (default: cpu)")
     p.add_argument(
         "--corpus", default="bbc", help="built-in corpus name or a local file/directory (default: bbc)"
     )

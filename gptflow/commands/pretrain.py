@@ -8,16 +8,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from gpt.config import ModelConfig
+from gpt.config import PRESETS, ModelConfig
 from gpt.train_config import TrainConfig
-from gptflow.args import add_config_args, config_overrides
+from gptflow.args import add_config_args, merged_sections
 
 HELP = "pretrain a GPT on token shards (single process, or DDP under torchrun)"
-PRESETS = tuple(ModelConfig.PRESETS)
 MODEL_PREFIX = "model-"
 # vocab_size comes from the tokenizer; the classification fields belong to finetuning.
 MODEL_EXCLUDE = ("vocab_size", "n_classes", "pad_token_id")
@@ -43,23 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
-    """preset < --config YAML < command-line flags."""
-    model_fields: dict[str, Any] = {}
-    train_fields: dict[str, Any] = {}
-    if args.config is not None:
-        if not args.config.is_file():
-            raise FileNotFoundError(f"--config file not found: {args.config}")
-        data = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict) or set(data) - {"model", "train"}:
-            raise ValueError(
-                f"{args.config} must be a mapping with `model:` and/or `train:` sections, got keys {list(data)}"
-            )
-        model_fields, train_fields = dict(data.get("model") or {}), dict(data.get("train") or {})
-    model_fields.update(config_overrides(args, ModelConfig, prefix=MODEL_PREFIX))
-    train_fields.update(config_overrides(args, TrainConfig))
-    model_config = ModelConfig.preset(args.preset, **model_fields)
-    train_config = TrainConfig.preset(args.preset, **train_fields)
-    return model_config, train_config
+    """preset < --config YAML (`model:` and `train:` sections) < command-line flags."""
+    fields = merged_sections(args, {"model": (ModelConfig, MODEL_PREFIX), "train": (TrainConfig, "")})
+    return ModelConfig.preset(args.preset, **fields["model"]), TrainConfig.preset(
+        args.preset, **fields["train"]
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,9 @@ import tempfile
 from pathlib import Path
 
 from deploy.server_config import ServerConfig
+from gpt.bundle import BUNDLE_DIR
 from gptflow.args import add_config_args, config_overrides
+from gptflow.bundles import LM_NAME, resolve_bundle
 
 HELP = "serve an exported ONNX bundle over HTTP (OpenAI-compatible /v1/completions, /v1/classify)"
 
@@ -17,8 +19,13 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--bundle", type=Path, help="language-model (or classifier) bundle directory")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--bundle",
+        type=Path,
+        help="language-model (or classifier) bundle directory, or an export stage directory holding bundle/ "
+        "(default: the newest language-model bundle in ./artifacts)",
+    )
     source.add_argument(
         "--model-uri",
         help="MLflow model URI of a logged bundle, e.g. models:/gptflow-lm@champion (uses MLFLOW_TRACKING_URI)",
@@ -37,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="DIR",
-        help="classifier bundle to serve on /v1/classify (repeatable)",
+        help="classifier bundle (or export stage directory) to serve on /v1/classify (repeatable)",
     )
     parser.add_argument(
         "--providers",
@@ -77,9 +84,16 @@ def run(args: argparse.Namespace) -> int:
 
             bundle, uri_name, version = resolve(args.model_uri, Path(tmp))
             log.info("serving %s (version %s) from %s", args.model_uri, version, bundle)
+        else:
+            bundle = resolve_bundle(args.bundle, "lm")  # says which one when it picks the newest
+        classifier_dirs = [resolve_bundle(path, "classifier") for path in args.classifier]
         lm, lm_name, classifiers = load_models(
-            bundle, args.classifier, providers=args.providers, threads=config.threads
+            bundle, classifier_dirs, providers=args.providers, threads=config.threads
         )
+        if lm is not None and uri_name is None and Path(bundle).name == BUNDLE_DIR:
+            lm_name = (
+                LM_NAME  # a pipeline export's folder is just `bundle/`: serve it under its registry name
+            )
         app = create_app(lm, classifiers, config, lm_name=uri_name or lm_name, version=version)
         if args.reload_interval > 0:
             parsed = parse_model_uri(args.model_uri or "")

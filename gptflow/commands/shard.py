@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from gptflow.args import add_config_args, config_overrides
+from gptflow.args import add_config_args, merged_fields
 
 HELP = "tokenize a corpus into train/val token shards (uint16/uint32) with a checksummed manifest"
 
@@ -38,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from gpt.data import shard_corpus
 
     cls = _config_cls()
-    base = cls.from_yaml(args.config).to_dict() if args.config else {}
-    config = cls.from_dict({**base, **config_overrides(args, cls)})
+    config = cls.from_dict(merged_fields(args, cls))
     manifest = shard_corpus(args.corpus, args.tokenizer, args.out, config)
     summary = {
         split: {k: v for k, v in info.items() if k != "shards"} for split, info in manifest["splits"].items()

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from gptflow.args import add_config_args, config_overrides
+from gptflow.args import add_config_args, merged_fields
 
 HELP = "train a sentencepiece tokenizer (BPE or unigram, byte fallback) on a corpus"
 
@@ -41,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from gpt.tokenizer import Tokenizer
 
     cls = _config_cls()
-    base = cls.from_yaml(args.config).to_dict() if args.config else {}
-    config = cls.from_dict({**base, **config_overrides(args, cls)})
+    config = cls.from_dict(merged_fields(args, cls))
     corpus = load_corpus(args.corpus)
     docs = corpus.documents(None if args.split == "all" else "train")
     tok = Tokenizer.train((d.text for d in docs), args.out, config, source=args.corpus)
