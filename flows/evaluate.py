@@ -10,8 +10,8 @@ from prefect import flow
 from flows.caching import is_complete
 from flows.common import quiet_defaults, run_stage, stage_task
 from flows.tracking import configure, log_dir, numeric, stage_run
+from gpt.checkpoint import resolve_model_dir
 from gpt.evaluate import evaluate
-from gpt.finetune import resolve_model_dir
 from gpt.io import read_json, read_manifest
 
 

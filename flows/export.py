@@ -16,10 +16,9 @@ from flows.promotion import DEFAULT_MIN_IMPROVEMENT, lm_eval_set, task_eval_set
 from flows.registry import register_candidate
 from flows.tracking import LM_MODEL_NAME, configure, flat_params, log_dir, numeric, stage_run
 from gpt.bundle import BUNDLE_DIR
-from gpt.checkpoint import read_model_meta
+from gpt.checkpoint import read_model_meta, resolve_model_dir
 from gpt.corpora import load_corpus
 from gpt.export import ExportConfig, export_bundle
-from gpt.finetune import resolve_model_dir
 from gpt.io import read_manifest, write_manifest
 from gpt.tasks import get_task
 

@@ -12,7 +12,9 @@ from pydantic import Field
 from flows.caching import is_complete
 from flows.common import quiet_defaults, run_stage, stage_task
 from flows.tracking import MlflowCallbacks, configure, flat_params, numeric, stage_run
-from gpt.finetune import METHODS, FinetuneConfig, finetune, resolve_model_dir
+from gpt.checkpoint import resolve_model_dir
+from gpt.finetune import finetune
+from gpt.finetune_config import METHODS, FinetuneConfig
 from gpt.io import read_manifest
 
 

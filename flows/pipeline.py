@@ -44,7 +44,7 @@ from gpt.checkpoint import WEIGHTS
 from gpt.config import ModelConfig, Preset
 from gpt.data import ShardConfig
 from gpt.export import ExportConfig
-from gpt.finetune import FinetuneConfig
+from gpt.finetune_config import FinetuneConfig
 from gpt.io import sha256_file
 from gpt.tasks import get_task
 from gpt.tokenizer import TokenizerConfig

@@ -92,7 +92,7 @@ def resolve_init(init_from: str | None, workdir: str | Path) -> Parent | None:
             log.info("%s does not exist yet: starting from scratch", init_from)
             return None
         return _registry_parent(name, mv, Path(workdir))
-    from gpt.finetune import resolve_model_dir
+    from gpt.checkpoint import resolve_model_dir
 
     model_dir = resolve_model_dir(init_from).resolve()
     return Parent(ref=str(model_dir), model_dir=model_dir, sha256=sha256_file(model_dir / WEIGHTS))

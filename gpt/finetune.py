@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from gpt.checkpoint import TOKENIZER, WEIGHTS, load_model, resolve_model_dir, save_model_dir
+from gpt.checkpoint import TOKENIZER, WEIGHTS, load_model, save_model_dir
 from gpt.device import Dist, dist_from_env, resolve_device, resolve_precision
 from gpt.engine import METRICS, Callbacks, Checkpointer, MetricsLog, Plan, Trainer, process_group, wrap
 from gpt.finetune_config import FinetuneConfig
@@ -33,7 +33,7 @@ from gpt.task_model import TaskLoss, set_trainable, task_loss, val_score, valida
 from gpt.tasks import Task, get_task, load_task_splits
 from gpt.tokenizer import Tokenizer
 
-__all__ = ["FinetuneConfig", "finetune", "resolve_model_dir", "set_trainable"]
+__all__ = ["FinetuneConfig", "finetune"]
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt.checkpoint import read_model_meta
+    from gpt.checkpoint import read_model_meta, resolve_model_dir
     from gpt.evaluate import evaluate
-    from gpt.finetune import resolve_model_dir
 
     ckpt = resolve_model_dir(args.checkpoint)
     task = args.task or read_model_meta(ckpt).get("task")

@@ -12,7 +12,7 @@ HELP = "finetune a pretrained checkpoint on a task (classification head or promp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gpt.finetune import FinetuneConfig
+    from gpt.finetune_config import FinetuneConfig
     from gpt.tasks import TASKS
 
     parser.add_argument(
@@ -34,13 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """The task's defaults < --config YAML < command-line flags."""
-    from gpt.finetune import FinetuneConfig
+    from gpt.finetune_config import FinetuneConfig
 
     return FinetuneConfig.for_task(args.task, **merged_fields(args, FinetuneConfig))
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt.finetune import finetune, resolve_model_dir
+    from gpt.checkpoint import resolve_model_dir
+    from gpt.finetune import finetune
 
     config = build_config(args)
     result = finetune(args.task, resolve_model_dir(args.checkpoint), args.out, config)
