@@ -3,14 +3,14 @@
 H0 = E[x] + P; L pre-LN blocks (causal self-attention, then a GELU MLP, each with a residual);
 a final LayerNorm and an LM head trained with next-token cross-entropy. Parameter names follow
 GPT-2 / Hugging Face (``transformer.wte``, ``transformer.h.{i}.attn.c_attn``, ``ln_f``...) so that
-loading a GPT-2 checkpoint is a name mapping (plus a transpose of HF's Conv1D weights).
+loading a GPT-2 checkpoint is a name mapping (plus a transpose of HF's Conv1D weights). The CPU fast
+paths for attention and GELU (the same functions, other kernels) live in ``gpt/kernels.py``.
 
 Shapes: B batch, T new tokens, P cached (past) tokens, S = P + T keys, C n_embd, nh heads, hs head size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -20,6 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.config import ModelConfig
+from gpt.kernels import _GeluSigmoid as _GeluSigmoid  # re-exported: tests name it as gpt.model's
+from gpt.kernels import attention, gelu_tanh
+from gpt.kernels import causal_attention_matmul as causal_attention_matmul  # re-exported, likewise
 
 # One (key, value) pair per layer, each (B, nh, P, hs).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -47,41 +50,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate (B, nh, T, hs) by per-position angles; cos/sin are (B, 1, T, hs/2) or (1, T, hs/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-# Longest sequence for which compiled CPU code writes causal attention out as matmuls (see below).
-MATMUL_ATTENTION_MAX_T = 128
-
-
-def use_matmul_attention(q: torch.Tensor) -> bool:
-    """Whether to compute plain causal attention with ``causal_attention_matmul`` instead of SDPA.
-
-    Only on CPU under torch.compile (not export), and only for short sequences. There inductor fuses
-    the scale, mask and softmax around two batched matmuls, which beats the flash kernel when heads are
-    small. Measured bf16 training steps: nanoGPT's CPU shape (T 64, hs 32) 21.6 -> 20.6 ms, the cpu
-    preset's width at T 128 (hs 64) 6-16 % faster, at T 256 4 % slower. Eager mode keeps SDPA (faster
-    there), and so do longer sequences, where the (T, T) scores this form stores cost memory too.
-    Under bf16 autocast the forward runs in fp32 like SDPA's, but AOTAutograd traces the backward under
-    the surrounding autocast, so its four matmuls run in bf16 (as eager bf16 attention would).
-    """
-    return (
-        q.device.type == "cpu"
-        and q.size(-2) <= MATMUL_ATTENTION_MAX_T
-        and torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-    )
-
-
-def causal_attention_matmul(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs) + causal mask) v, written out: (B, nh, T, hs) each -> (B, nh, T, hs)."""
-    B, nh, T, hs = q.shape
-    q, k, v = (t.reshape(B * nh, T, hs) for t in (q, k, v))
-    mask = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu(1)  # -inf above diag
-    att = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=1.0 / math.sqrt(hs))  # (B*nh, T, T)
-    att = F.dropout(att.softmax(dim=-1), dropout_p)
-    return torch.bmm(att, v).view(B, nh, T, hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -113,60 +81,9 @@ class CausalSelfAttention(nn.Module):
             k = torch.cat([past[0], k], dim=2)  # (B, nh, S, hs)
             v = torch.cat([past[1], v], dim=2)  # (B, nh, S, hs)
         dropout_p = self.dropout if self.training else 0.0
-        dtype = q.dtype
-        fp32_attention = dtype == torch.bfloat16 and q.device.type == "cpu"
-        if fp32_attention:
-            # torch 2.13's bf16 flash-attention backward on CPU is ~6x slower than fp32 (measured);
-            # the matmuls around it stay bf16. Autocast would cast back to bf16, so it is paused.
-            q, k, v = q.float(), k.float(), v.float()
-        with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
-            if mask is None and use_matmul_attention(q):
-                y = causal_attention_matmul(q, k, v, dropout_p)
-            elif mask is None:  # plain causal training/prefill: the fused kernel builds the mask itself
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = attention(q, k, v, mask, dropout_p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
-
-
-GELU_2K = 2.0 * math.sqrt(2.0 / math.pi)
-GELU_C = 0.044715
-
-
-class _GeluSigmoid(torch.autograd.Function):
-    """x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3), keeping sigmoid(2z) for the backward.
-
-    Left to itself, inductor saves x and recomputes the sigmoid (an exp and a division per element)
-    in the backward kernel; keeping it turns that kernel into a few multiplies: the MLP's GELU
-    fwd + bwd kernels went 1.52 -> 1.14 ms per step at nanoGPT's CPU shape (measured, bf16).
-    d/dx = s + x s (1 - s) * 2 dz/dx, with 2 dz/dx = GELU_2K (1 + 3 * 0.044715 x^2). Under bf16
-    autocast s is kept in bf16, like the other saved activations.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        s = torch.sigmoid(GELU_2K * (x + GELU_C * x * x * x))
-        ctx.save_for_backward(x, s)
-        return x * s
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        x, s = ctx.saved_tensors
-        dz = GELU_2K * (1.0 + 3.0 * GELU_C * x * x)
-        return grad * (s + x * s * (1.0 - s) * dz)
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's "gelu_new": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-
-    Eager mode (and ONNX export) uses PyTorch's kernel. Under torch.compile the same function is
-    written with 0.5 (1 + tanh z) = sigmoid(2z), because inductor's CPU code for tanh is slow: on a bf16
-    (768, 512) input the sigmoid form compiled 2.6x faster forward, 1.9x with backward (measured).
-    """
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        return _GeluSigmoid.apply(x)
-    return F.gelu(x, approximate="tanh")
 
 
 class MLP(nn.Module):
