@@ -6,7 +6,7 @@ A model directory holds:
     tokenizer.model     (optional) the sentencepiece model the weights were trained with
 
 A training checkpoint (``run/checkpoints/step-000060/``) is a model directory plus
-    optimizer.safetensors   AdamW state, flattened (gpt.optim.flatten_optimizer_state)
+    optimizer.safetensors   AdamW (or Muon + AdamW) state, flattened (gpt.optim.flatten_optimizer_state)
     trainer_state.json      step, schedule, RNG states, loader cursors, loss history, configs,
                             optimizer param groups and the sha256 of every file above (written last)
 It is built in a hidden temp directory and renamed into place, so it is either complete or absent.

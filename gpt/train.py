@@ -1,5 +1,5 @@
-"""Pretraining: AdamW + warmup/cosine, gradient accumulation, bf16 autocast, DDP, periodic evaluation
-(loss and bits per byte) and atomic checkpoints from which a run resumes bit for bit.
+"""Pretraining: AdamW (or Muon + AdamW) + warmup/cosine, gradient accumulation, bf16 autocast, DDP,
+periodic evaluation (loss and bits per byte) and atomic checkpoints from which a run resumes bit for bit.
 
 ``train()`` is the stage function; the CLI, the Prefect flow and the tests all call it. It builds the
 model, the optimizer and the shard loader and hands them to the engine (``gpt.engine.Trainer``),
@@ -58,7 +58,7 @@ from gpt.engine import (
 )
 from gpt.io import MANIFEST, sha256_file, write_manifest
 from gpt.model import GPT
-from gpt.optim import build_optimizer, lr_at
+from gpt.optim import MuonWithAdamW, build_muon_adamw, build_optimizer, lr_at
 from gpt.tokenizer import Tokenizer
 from gpt.train_config import TrainConfig
 
@@ -211,9 +211,9 @@ def _trainer(model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from,
         tok_path,
         tokenizer_hash=tok_hash,
     )
-    ckpt = _resume_point(checkpointer, resume, model_config, tok_hash, data_dir)
+    ckpt = _resume_point(checkpointer, resume, model_config, cfg, tok_hash, data_dir)
     model = _model(model_config, cfg.seed, None if ckpt else init_from, tok_hash, data_dir, device)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = build_train_optimizer(model, cfg, device.type)
     block = model_config.block_size
     loader = TrainLoader(train_ds, block, cfg.batch_size, cfg.seed, dd.rank, dd.world_size, device)
     if ckpt is None:
@@ -278,6 +278,28 @@ def _trainer(model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from,
     return trainer
 
 
+def build_train_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device_type: str
+) -> torch.optim.AdamW | MuonWithAdamW:
+    """``cfg.optimizer``: AdamW for everything, or Muon for the matrices in the blocks + AdamW."""
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "adamw":
+        return build_optimizer(model, cfg.lr, cfg.weight_decay, betas, device_type)
+    return build_muon_adamw(
+        model,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=betas,
+        device_type=device_type,
+        muon_lr=cfg.muon_lr,
+        muon_momentum=cfg.muon_momentum,
+        muon_nesterov=cfg.muon_nesterov,
+        muon_weight_decay=cfg.muon_weight_decay,
+        muon_ns_steps=cfg.muon_ns_steps,
+        muon_adjust_lr=cfg.muon_adjust_lr,
+    )
+
+
 def _lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
     x, y = batch
     _, loss = model(x, y)
@@ -285,7 +307,12 @@ def _lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -
 
 
 def _resume_point(
-    checkpointer: Checkpointer, resume: bool, model_config: ModelConfig, tokenizer_hash: str, data_dir: Path
+    checkpointer: Checkpointer,
+    resume: bool,
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    tokenizer_hash: str,
+    data_dir: Path,
 ) -> TrainingCheckpoint | None:
     """The checkpoint to continue from (``resume``), after checking it is this run's."""
     if not resume:
@@ -300,6 +327,12 @@ def _resume_point(
         log.info("no checkpoint in %s: starting a fresh run", checkpointer.run_dir)
         return None
     check_same_model(ckpt.meta["model"], model_config, ckpt.path)
+    saved = ckpt.trainer_state.get("train_config", {}).get("optimizer", "adamw")  # older runs: AdamW
+    if saved != cfg.optimizer:
+        raise ValueError(
+            f"{ckpt.path} was trained with optimizer={saved!r}, this run asks for {cfg.optimizer!r}; "
+            f"resume with --optimizer {saved}, or start a new run in another --out directory"
+        )
     check_same_tokenizer(ckpt.meta.get("tokenizer_hash"), tokenizer_hash, ckpt.path, data_dir)
     return ckpt
 
