@@ -6,7 +6,7 @@ A model directory holds:
     tokenizer.model     (optional) the sentencepiece model the weights were trained with
 
 A training checkpoint (``run/checkpoints/step-000060/``) is a model directory plus
-    optimizer.safetensors   AdamW state, flattened (gpt.optim.flatten_optimizer_state)
+    optimizer.safetensors   AdamW (or Muon + AdamW) state, flattened (gpt.optim.flatten_optimizer_state)
     trainer_state.json      step, schedule, RNG states, loader cursors, loss history, configs,
                             optimizer param groups and the sha256 of every file above (written last)
 It is built in a hidden temp directory and renamed into place, so it is either complete or absent.
@@ -19,7 +19,7 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +289,11 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
 
 
 def check_same_model(saved: dict[str, Any], wanted: ModelConfig, where: Path) -> None:
-    """Refuse to continue ``where`` (a checkpoint or init model) with another model config."""
+    """Refuse to continue ``where`` (a checkpoint or init model) with another model config.
+
+    A field missing from the saved config is newer than the checkpoint: its default is the behaviour
+    the checkpoint was trained with."""
+    saved = {**{f.name: f.default for f in fields(ModelConfig)}, **saved}
     diff = {k: (saved.get(k), v) for k, v in wanted.to_dict().items() if saved.get(k) != v}
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))

@@ -18,6 +18,7 @@ T = TypeVar("T", bound="ConfigBase")
 
 POS_ENCODINGS = ("sinusoidal", "learned", "rope")
 POOLINGS = ("last", "mean")
+ACTIVATIONS = ("gelu", "relu2")
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -111,6 +112,10 @@ class ModelConfig(ConfigBase):
     n_classes: int = 0  # > 0 adds a sequence-classification head with this many classes
     pad_token_id: int = 0  # id treated as padding by the classification head
     pooling: str = "last"  # classification head input: last (last non-pad token) | mean (of non-pad tokens)
+    activation: str = "gelu"  # MLP nonlinearity: gelu (GPT-2's tanh form) | relu2 (relu(x)^2)
+    qk_norm: bool = False  # RMSNorm with a learned gain on each head's queries and keys (before RoPE)
+    zero_init_proj: bool = False  # attention and MLP c_proj weights start at zero (blocks start as identity)
+    logit_softcap: float = 0.0  # LM logits become cap * tanh(logits / cap) in training and inference; 0 = off
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64),
@@ -132,6 +137,15 @@ class ModelConfig(ConfigBase):
             )
         _one_of(self, "pos_encoding", POS_ENCODINGS)
         _one_of(self, "pooling", POOLINGS)
+        _one_of(self, "activation", ACTIVATIONS)
+        for name in ("qk_norm", "zero_init_proj"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} must be true or false")
+        cap = self.logit_softcap
+        if not isinstance(cap, int | float) or isinstance(cap, bool) or not 0 <= cap < math.inf:
+            raise ValueError(
+                f"ModelConfig.logit_softcap={cap!r} must be a finite number >= 0 (0 = off; e.g. 30)"
+            )
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise ValueError(f"ModelConfig: rope needs an even head size, got n_embd/n_head={self.head_dim}")
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:

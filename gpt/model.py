@@ -1,9 +1,11 @@
 """The GPT: a decoder-only transformer, readable top to bottom.
 
 H0 = E[x] + P; L pre-LN blocks (causal self-attention, then a GELU MLP, each with a residual);
-a final LayerNorm and an LM head trained with next-token cross-entropy. Parameter names follow
-GPT-2 / Hugging Face (``transformer.wte``, ``transformer.h.{i}.attn.c_attn``, ``ln_f``...) so that
-loading a GPT-2 checkpoint is a name mapping (plus a transpose of HF's Conv1D weights). The CPU fast
+a final LayerNorm and an LM head trained with next-token cross-entropy. Options from the speedrun
+recipes (modded-nanogpt), all off by default: a ReLU² MLP, QK-norm, zero-initialised output
+projections and a soft cap on the logits. Parameter names follow GPT-2 / Hugging Face
+(``transformer.wte``, ``transformer.h.{i}.attn.c_attn``, ``ln_f``...) so that loading a GPT-2
+checkpoint is a name mapping (plus a transpose of HF's Conv1D weights). The CPU fast
 paths for attention and GELU (the same functions, other kernels) live in ``gpt/kernels.py``.
 
 Shapes: B batch, T new tokens, P cached (past) tokens, S = P + T keys, C n_embd, nh heads, hs head size.
@@ -46,10 +48,23 @@ def rope_tables(n_pos: int, head_dim: int, base: float) -> tuple[torch.Tensor, t
     return torch.cos(angle).float(), torch.sin(angle).float()
 
 
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2, the MLP nonlinearity of the modded-nanogpt speedrun (activation="relu2")."""
+    return F.relu(x).square()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, nh, T, hs) by per-position angles; cos/sin are (B, 1, T, hs/2) or (1, T, hs/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class HeadRMSNorm(nn.RMSNorm):
+    """RMSNorm whose gain takes the input's dtype: under bf16 autocast, a bf16 input with an fp32 gain
+    would miss the fused kernel (PyTorch warns and falls back to the unfused ops)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
 class CausalSelfAttention(nn.Module):
@@ -60,6 +75,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # QK-norm: RMSNorm over each head's hs features, one learned gain shared by the heads.
+        self.q_norm = HeadRMSNorm(config.head_dim, eps=config.layer_norm_eps) if config.qk_norm else None
+        self.k_norm = HeadRMSNorm(config.head_dim, eps=config.layer_norm_eps) if config.qk_norm else None
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -75,6 +93,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # the cache keeps normalised keys
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if past is not None:
@@ -92,9 +112,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.act = relu_squared if config.activation == "relu2" else gelu_tanh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -147,6 +168,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:  # after the draw, so that every other weight is as without it
+                    nn.init.zeros_(p)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -255,6 +278,15 @@ class GPT(nn.Module):
             mask = (mask & keep) | diag
         return mask
 
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """LM-head logits (..., vocab) of hidden states (..., C), soft-capped if the config says so."""
+        logits = self.lm_head(h)
+        cap = self.config.logit_softcap
+        if cap:
+            # In fp32 under autocast: near the cap bf16 cannot tell logits apart (its step at 30 is 0.125).
+            logits = cap * torch.tanh(logits.float() / cap)
+        return logits
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -266,7 +298,7 @@ class GPT(nn.Module):
         if idx.size(1) > self.config.block_size:
             raise ValueError(f"sequence length {idx.size(1)} exceeds block_size {self.config.block_size}")
         h, _ = self.hidden_states(idx, attention_mask, position_ids)
-        logits = self.lm_head(h)  # (B, T, vocab)
+        logits = self.lm_logits(h)  # (B, T, vocab)
         if targets is None:
             return logits
         loss = F.cross_entropy(
@@ -283,7 +315,7 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, KVCache]:
         """One incremental step: logits (B, T, vocab) for the new tokens and the updated cache."""
         h, presents = self.hidden_states(idx, attention_mask, position_ids, past_key_values)
-        return self.lm_head(h), presents
+        return self.lm_logits(h), presents
 
     def classify(
         self,

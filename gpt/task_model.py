@@ -46,7 +46,7 @@ def completion_loss(model, idx, labels):
     """Mean cross-entropy over labelled positions; the LM head runs only where a label exists."""
     h, _ = model.hidden_states(idx)  # (B, T, C); right padding needs no mask under causal attention
     sel = labels != IGNORE_INDEX  # (B, T)
-    logits = model.lm_head(h[sel])  # (N, vocab)
+    logits = model.lm_logits(h[sel])  # (N, vocab), soft-capped like the pretraining loss
     return F.cross_entropy(logits.float(), labels[sel])
 
 

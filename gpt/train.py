@@ -1,5 +1,5 @@
-"""Pretraining: AdamW + warmup/cosine, gradient accumulation, bf16 autocast, DDP, periodic evaluation
-(loss and bits per byte) and atomic checkpoints from which a run resumes bit for bit.
+"""Pretraining: AdamW (or Muon + AdamW) + warmup/cosine, gradient accumulation, bf16 autocast, DDP,
+periodic evaluation (loss and bits per byte) and atomic checkpoints from which a run resumes bit for bit.
 
 ``train()`` is the stage function; the CLI, the Prefect flow and the tests all call it. It builds the
 model, the optimizer and the shard loader and hands them to the engine (``gpt.engine.Trainer``),
@@ -52,7 +52,7 @@ from gpt.engine import (
 )
 from gpt.io import MANIFEST, sha256_file, write_manifest
 from gpt.model import GPT
-from gpt.optim import build_optimizer, lr_at
+from gpt.optim import build_train_optimizer, lr_at
 from gpt.scoring import evaluate_lm
 from gpt.tokenizer import Tokenizer
 from gpt.train_config import TrainConfig
@@ -162,8 +162,14 @@ def _trainer(model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from,
     if ckpt is not None:
         check_same_model(ckpt.meta["model"], model_config, ckpt.path)
         check_same_tokenizer(ckpt.meta.get("tokenizer_hash"), tok_hash, ckpt.path, data_dir)
+        saved = ckpt.trainer_state.get("train_config", {}).get("optimizer", "adamw")  # older runs: AdamW
+        if saved != cfg.optimizer:
+            raise ValueError(
+                f"{ckpt.path} was trained with optimizer={saved!r}, this run asks for {cfg.optimizer!r}; "
+                f"resume with --optimizer {saved}, or start a new run in another --out directory"
+            )
     model = _model(model_config, cfg.seed, None if ckpt else init_from, tok_hash, data_dir, device)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = build_train_optimizer(model, cfg, device.type)
     block = model_config.block_size
     loader = TrainLoader(train_ds, block, cfg.batch_size, cfg.seed, dd.rank, dd.world_size, device)
     if ckpt is None:

@@ -5,13 +5,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from gpt.config import ConfigBase, _one_of, _positive
+from gpt.config import ConfigBase, _in_range, _one_of, _positive
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adamw", "muon")
+MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
 
 
 @dataclass
@@ -38,6 +41,13 @@ class TrainConfig(ConfigBase):
     compile: bool = False  # torch.compile the model (compile time is reported apart)
     device: str = "auto"  # auto | cpu | cuda (under torchrun: the local rank's GPU)
     max_time: float = 0.0  # wall-clock budget in seconds: stop, evaluate and checkpoint (0 = none)
+    optimizer: str = "adamw"  # adamw | muon (Muon for the 2-D weights in the blocks, AdamW for the rest)
+    muon_lr: float = 0.02  # Muon's peak learning rate, scaled by the schedule like lr (optimizer=muon)
+    muon_momentum: float = 0.95  # Muon momentum (optimizer=muon)
+    muon_nesterov: bool = True  # Nesterov momentum in Muon (optimizer=muon)
+    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay, applied as lr x decay (optimizer=muon)
+    muon_ns_steps: int = 5  # Newton-Schulz iterations that orthogonalise each Muon update (optimizer=muon)
+    muon_adjust_lr: str = "original"  # Muon's lr per matrix (adjust_lr_fn): original | match_rms_adamw
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(
@@ -100,8 +110,19 @@ class TrainConfig(ConfigBase):
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be in [0, 1)")
         _one_of(self, "precision", PRECISIONS)
         _one_of(self, "device", DEVICES)
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"TrainConfig.compile={self.compile!r} must be true or false")
+        for name in ("compile", "muon_nesterov"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be true or false")
+        _one_of(self, "optimizer", OPTIMIZERS)
+        _one_of(self, "muon_adjust_lr", MUON_ADJUST_LR)
+        _positive(self, "muon_lr")
+        _in_range(self, "muon_momentum", 0.0, 1.0)
+        if self.muon_momentum >= 1.0:
+            raise ValueError(f"TrainConfig.muon_momentum={self.muon_momentum} must be in [0, 1)")
+        _in_range(self, "muon_weight_decay", 0.0, math.inf)
+        steps = self.muon_ns_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps < 100:
+            raise ValueError(f"TrainConfig.muon_ns_steps={steps!r} must be an integer in [1, 99]")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TrainConfig:
