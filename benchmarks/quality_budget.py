@@ -35,9 +35,10 @@ from gpt.config import ModelConfig
 from gpt.device import Dist, resolve_precision
 from gpt.engine import Plan, Trainer, wrap
 from gpt.model import GPT
-from gpt.optim import build_optimizer
+from gpt.optim import build_train_optimizer
 from gpt.scoring import evaluate_lm
 from gpt.tokenizer import Tokenizer, TokenizerConfig
+from gpt.train_config import TrainConfig
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 TARGET_BPB = 2.0  # issue #15, P2: within nanoGPT's measured wall time
@@ -98,6 +99,15 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=1337)
+    # The recipe options (issue #15), each off by default, for ablations.
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    p.add_argument("--muon-lr", type=float, default=0.02)
+    p.add_argument("--activation", default="gelu", choices=["gelu", "relu2"])
+    p.add_argument("--qk-norm", action="store_true")
+    p.add_argument("--zero-init-proj", action="store_true")
+    p.add_argument("--logit-softcap", type=float, default=0.0)
+    p.add_argument("--untied", action="store_true", help="an untied LM head")
+    p.add_argument("--pos", default="learned", choices=["learned", "rope", "sinusoidal"])
     args = p.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"{args.data} not found; pass --data PATH to tinyshakespeare.txt")
@@ -131,9 +141,23 @@ def main() -> None:
         n_embd=args.n_embd,
         dropout=args.dropout,
         bias=False,
+        activation=args.activation,
+        qk_norm=args.qk_norm,
+        zero_init_proj=args.zero_init_proj,
+        logit_softcap=args.logit_softcap,
+        tie_weights=not args.untied,
+        pos_encoding=args.pos,
     )
     raw = GPT(config).train()
     T, B = args.block, args.batch
+    train_cfg = TrainConfig(
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        beta2=0.99,
+        optimizer=args.optimizer,
+        muon_lr=args.muon_lr,
+    )
 
     def lr_now(step: int) -> float:  # warmup over steps, then cosine over the *time* budget
         if step < args.warmup:
@@ -153,7 +177,7 @@ def main() -> None:
     trainer = Trainer(  # the engine gpt.train runs, so the figure is the real training loop's
         module=raw,
         model=wrap(raw, device, Dist(), args.compile),
-        optimizer=build_optimizer(raw, args.lr, args.weight_decay, (0.9, 0.99), device.type),
+        optimizer=build_train_optimizer(raw, train_cfg, device.type),
         loader=RandomBatches(torch.from_numpy(train_ids), T, B, args.seed),
         loss_fn=lambda model, batch: (model(*batch)[1], batch[0].numel()),
         schedule=lr_now,
@@ -202,6 +226,8 @@ def main() -> None:
                     "min_lr": args.min_lr,
                     "warmup_steps": args.warmup,
                     "weight_decay": args.weight_decay,
+                    "optimizer": args.optimizer,
+                    "muon_lr": args.muon_lr if args.optimizer == "muon" else None,
                     "precision": "bf16" if amp else "fp32",
                     "compile": args.compile,
                     "seed": args.seed,

@@ -28,6 +28,14 @@ def _positive(obj: Any, *names: str) -> None:
             raise ValueError(f"{type(obj).__name__}.{name}={value!r} must be a positive number (> 0)")
 
 
+def _whole(obj: Any, *names: str) -> None:
+    """Each field is an int >= 0 (not a bool)."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{type(obj).__name__}.{name}={value!r} must be an integer >= 0")
+
+
 def _in_range(obj: Any, name: str, lo: float, hi: float) -> None:
     value = getattr(obj, name)
     if not isinstance(value, int | float) or not (lo <= value <= hi) or math.isnan(value):

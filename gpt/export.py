@@ -39,7 +39,7 @@ from gpt.bundle import (
     genai_config,
     lm_io_names,
 )
-from gpt.config import ConfigBase, _one_of, _positive
+from gpt.config import ConfigBase, _one_of, _positive, _whole
 from gpt.io import MANIFEST, atomic_write_json, sha256_file, write_manifest
 
 if TYPE_CHECKING:
@@ -73,9 +73,7 @@ class ExportConfig(ConfigBase):
             )
         _one_of(self, "quantize", QUANTIZE)
         _positive(self, "parity_atol")
-        for name in ("parity_decode_steps", "greedy_tokens", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"ExportConfig.{name}={getattr(self, name)!r} must be an integer >= 0")
+        _whole(self, "parity_decode_steps", "greedy_tokens", "seed")
 
 
 # --------------------------------------------------------------------------------------------

@@ -219,17 +219,10 @@ def _trainer(task, config, model, data: TaskData, checkpoint_dir, out_dir, dd: D
         checkpoint_tensors=lambda: {"best": best["weights"]},
     )
     _resume(trainer, identity, config.resume, best)
+    trainable, precision = sum(p.numel() for p in model.parameters() if p.requires_grad), amp or "fp32"
+    sizes = f"{len(data.train)} train sequences / {len(data.val)} val examples, max_len {data.max_len}"
     log.info(
-        "finetune %s (%s, %s): %d train sequences / %d val examples, max_len %d, %d steps, %s trainable params, %s",
-        task.name,
-        kind,
-        config.method,
-        len(data.train),
-        len(data.val),
-        data.max_len,
-        total_steps,
-        f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}",
-        f"{amp} autocast" if amp else "fp32",
+        f"finetune {task.name} ({kind}, {config.method}): {sizes}, {total_steps} steps, {trainable:,} trainable, {precision}"
     )
     return trainer, best
 

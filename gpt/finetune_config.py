@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gpt.config import POOLINGS, ConfigBase, _in_range, _one_of, _positive
+from gpt.config import POOLINGS, ConfigBase, _in_range, _one_of, _positive, _whole
 from gpt.lora import LORA_TARGETS
 from gpt.tasks import Task, get_task
 
@@ -57,7 +57,8 @@ class FinetuneConfig(ConfigBase):
         _one_of(self, "pooling", POOLINGS)
         _one_of(self, "device", ("auto", "cpu", "cuda"))
         _positive(self, "batch_size", "grad_accum", "lr", "lora_rank", "lora_alpha", "epochs", "windows")
-        for name in (
+        _whole(
+            self,
             "trainable_blocks",
             "epochs",
             "max_steps",
@@ -71,10 +72,7 @@ class FinetuneConfig(ConfigBase):
             "lora_rank",
             "windows",
             "seed",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"FinetuneConfig.{name}={value!r} must be an integer >= 0")
+        )
         for name in ("min_lr_ratio", "warmup_frac", "dropout", "lora_dropout"):
             _in_range(self, name, 0.0, 1.0)
         for name in ("weight_decay", "grad_clip", "max_time"):

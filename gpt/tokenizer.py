@@ -21,7 +21,7 @@ import sentencepiece as spm
 
 from gpt.bundle import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from gpt.bundle import TOKENIZER_FILE as MODEL_FILE  # the name this module has always exported
-from gpt.config import ConfigBase, _one_of, _positive
+from gpt.config import ConfigBase, _one_of, _positive, _whole
 from gpt.io import atomic_write_bytes, sha256_bytes, write_manifest
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,7 @@ class TokenizerConfig(ConfigBase):
             raise ValueError(
                 f"TokenizerConfig.character_coverage={self.character_coverage} must be in (0, 1]"
             )
-        for name in ("input_sentence_size", "num_threads", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"TokenizerConfig.{name}={getattr(self, name)!r} must be an integer >= 0")
+        _whole(self, "input_sentence_size", "num_threads", "seed")
 
 
 class Tokenizer:

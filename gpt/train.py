@@ -1,10 +1,7 @@
-"""Pretraining: AdamW (or Muon + AdamW) + warmup/cosine, gradient accumulation, bf16 autocast, DDP,
-periodic evaluation (loss and bits per byte) and atomic checkpoints from which a run resumes bit for bit.
-
-``train()`` is the stage function; the CLI, the Prefect flow and the tests all call it. It builds the
-model, the optimizer and the shard loader and hands them to the engine (``gpt.engine.Trainer``),
-which runs the loop. Run it under ``torchrun --nproc_per_node=N`` for DDP (gloo on CPU, nccl on
-CUDA): only rank 0 logs and writes.
+"""Pretraining: the stage function ``train()`` (called by the CLI, the Prefect flow and the tests)
+builds the model, optimizer and shard loader and hands them to the engine (``gpt.engine.Trainer``):
+accumulation, bf16 autocast, DDP under ``torchrun`` (rank 0 logs and writes), periodic evaluation
+(loss and bits per byte) and atomic checkpoints from which a run resumes bit for bit.
 
 Output directory:
     checkpoints/step-000060/   model.safetensors, model.json, tokenizer.model, optimizer.safetensors,
@@ -148,26 +145,16 @@ def _trainer(model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from,
     val_ds = ShardDataset(data_dir, "val", tokenizer_hash=tokenizer.hash, verify=False)
     if val_ds.num_tokens < 2:
         raise ValueError(f"the val split of {data_dir} is empty; re-shard with a val_fraction > 0")
-    identity = {"model_config": model_config.to_dict(), "train_config": cfg.to_dict()}
     tok_path, tok_hash = data_dir / TOKENIZER, tokenizer.hash
-    checkpointer = Checkpointer(
-        out_dir,
-        dd,
-        cfg.keep_last,
-        {**identity, "tokenizer_hash": tok_hash},
-        tok_path,
-        tokenizer_hash=tok_hash,
-    )
+    identity = {
+        "model_config": model_config.to_dict(),
+        "train_config": cfg.to_dict(),
+        "tokenizer_hash": tok_hash,
+    }
+    checkpointer = Checkpointer(out_dir, dd, cfg.keep_last, identity, tok_path, tokenizer_hash=tok_hash)
     ckpt = checkpointer.resume_point(resume)
     if ckpt is not None:
-        check_same_model(ckpt.meta["model"], model_config, ckpt.path)
-        check_same_tokenizer(ckpt.meta.get("tokenizer_hash"), tok_hash, ckpt.path, data_dir)
-        saved = ckpt.trainer_state.get("train_config", {}).get("optimizer", "adamw")  # older runs: AdamW
-        if saved != cfg.optimizer:
-            raise ValueError(
-                f"{ckpt.path} was trained with optimizer={saved!r}, this run asks for {cfg.optimizer!r}; "
-                f"resume with --optimizer {saved}, or start a new run in another --out directory"
-            )
+        _check_resumable(ckpt, model_config, cfg, tok_hash, data_dir)
     model = _model(model_config, cfg.seed, None if ckpt else init_from, tok_hash, data_dir, device)
     optimizer = build_train_optimizer(model, cfg, device.type)
     block = model_config.block_size
@@ -222,14 +209,11 @@ def _trainer(model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from,
     )
     if ckpt is not None:
         trainer.restore(ckpt)
+    precision = "bf16 autocast" if amp else "fp32"
+    n, first = model.num_parameters() / 1e6, trainer.state.step
+    ranks = f"{dd.world_size} rank(s)"
     log.info(
-        "training %.2fM parameters on %s (%s, %d rank(s)), steps %d..%d",
-        model.num_parameters() / 1e6,
-        device,
-        "bf16 autocast" if amp else "fp32",
-        dd.world_size,
-        trainer.state.step,
-        cfg.max_steps,
+        f"training {n:.2f}M parameters on {device} ({precision}, {ranks}), steps {first}..{cfg.max_steps}"
     )
     return trainer
 
@@ -238,6 +222,20 @@ def _lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -
     x, y = batch
     _, loss = model(x, y)
     return loss, x.numel()
+
+
+def _check_resumable(
+    ckpt, model_config: ModelConfig, cfg: TrainConfig, tok_hash: str, data_dir: Path
+) -> None:
+    """Refuse to continue a checkpoint of another model, tokenizer or optimizer."""
+    check_same_model(ckpt.meta["model"], model_config, ckpt.path)
+    check_same_tokenizer(ckpt.meta.get("tokenizer_hash"), tok_hash, ckpt.path, data_dir)
+    saved = ckpt.trainer_state.get("train_config", {}).get("optimizer", "adamw")  # older runs: AdamW
+    if saved != cfg.optimizer:
+        raise ValueError(
+            f"{ckpt.path} was trained with optimizer={saved!r}, this run asks for {cfg.optimizer!r}; "
+            f"resume with --optimizer {saved}, or start a new run in another --out directory"
+        )
 
 
 def _model(model_config, seed, init_from, tokenizer_hash, data_dir, device) -> GPT:

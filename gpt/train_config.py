@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from gpt.config import ConfigBase, _in_range, _one_of, _positive
+from gpt.config import ConfigBase, _in_range, _one_of, _positive, _whole
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -94,10 +94,7 @@ class TrainConfig(ConfigBase):
     def __post_init__(self) -> None:
         ints = ("batch_size", "grad_accum", "max_steps", "warmup_steps", "eval_interval", "eval_batches")
         ints += ("log_interval", "checkpoint_interval", "keep_last", "seed")
-        for name in ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"TrainConfig.{name}={value!r} must be an integer >= 0")
+        _whole(self, *ints)
         _positive(self, "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval", "keep_last")
         _positive(self, "lr")
         if not 0 <= self.min_lr <= self.lr:
