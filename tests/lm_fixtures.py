@@ -1,4 +1,5 @@
-"""A small random LM checkpoint for runtime, scheduler and interop tests (one definition, not copies)."""
+"""Shared test helpers (one definition, not copies): a small random LM checkpoint for the runtime,
+scheduler and interop tests, and incremental decoding for the KV-cache parity tests."""
 
 from __future__ import annotations
 
@@ -29,3 +30,14 @@ def random_lm_checkpoint(root: Path, seed: int, **model_overrides) -> Path:
     save_model(root / "ckpt", model, tokenizer_hash=tok.hash)
     shutil.copyfile(tok.path, root / "ckpt" / "tokenizer.model")
     return root / "ckpt"
+
+
+def decode_stepwise(model: GPT, x: torch.Tensor, prefill: int) -> tuple[torch.Tensor, list]:
+    """Logits for all of ``x`` from a KV-cache prefill of ``prefill`` tokens, then one token per step
+    (to compare with ``model(x)``), and the final cache."""
+    logits, past = model.decode(x[:, :prefill])
+    steps = [logits]
+    for t in range(prefill, x.size(1)):
+        logits, past = model.decode(x[:, t : t + 1], past)
+        steps.append(logits)
+    return torch.cat(steps, dim=1), past

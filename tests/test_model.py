@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from lm_fixtures import decode_stepwise
 
 import gpt.model as gm
 from gpt.config import ModelConfig
@@ -38,13 +39,9 @@ def test_kv_cache_prefill_plus_30_steps_matches_full_forward(pos):
     model = tiny(pos)
     x = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
     full = model(x)
-    logits, past = model.decode(x[:, :10])
-    steps = [logits]
-    for t in range(10, 40):
-        logits, past = model.decode(x[:, t : t + 1], past)
-        steps.append(logits)
+    stepwise, past = decode_stepwise(model, x, prefill=10)
     assert past[0][0].shape == (3, model.config.n_head, 40, model.config.head_dim)
-    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+    assert (stepwise - full).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("pos", POS)

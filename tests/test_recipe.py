@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_fixtures import decode_stepwise
 from safetensors.torch import load_file, save_file
 from test_train import make_shards
 
@@ -167,12 +168,8 @@ def test_kv_cache_decode_matches_full_forward_with_recipe_options(case):
     model = recipe_model(**CASES[case])
     x = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
     full = model(x)
-    logits, past = model.decode(x[:, :10])
-    steps = [logits]
-    for t in range(10, 40):
-        logits, past = model.decode(x[:, t : t + 1], past)
-        steps.append(logits)
-    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+    stepwise, past = decode_stepwise(model, x, prefill=10)
+    assert (stepwise - full).abs().max().item() <= 1e-4
 
 
 def test_relu2_mlp_is_relu_squared():
