@@ -292,6 +292,7 @@ class Trainer:
     metrics: MetricsLog | None = None  # rank 0 only
     flops_per_token: float = 0.0
     state: TrainState = field(default_factory=TrainState)
+    _last_ckpt: int = field(default=-1, init=False, repr=False)  # step of the newest checkpoint
 
     def restore(self, ckpt: TrainingCheckpoint) -> dict[str, dict[str, torch.Tensor]]:
         """Continue from ``ckpt``: weights, optimizer, loader, counters and this rank's RNG state.
@@ -319,7 +320,6 @@ class Trainer:
     def fit(self) -> FitResult:
         plan, st = self.plan, self.state
         start, self._t_begin = st.step, time.perf_counter() - st.elapsed_s
-        self._last_ckpt = getattr(self, "_last_ckpt", -1)
         result = FitResult("max_steps", 0.0, 0, 0.0)
         bar = tqdm(
             total=plan.max_steps,

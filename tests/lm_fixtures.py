@@ -1,9 +1,15 @@
 """Shared test helpers (one definition, not copies): a small random LM checkpoint for the runtime,
-scheduler and interop tests, and incremental decoding for the KV-cache parity tests."""
+scheduler and interop tests, incremental decoding for the KV-cache parity tests, and the kill
+of a training process for the resume tests."""
 
 from __future__ import annotations
 
+import os
+import random
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -41,3 +47,18 @@ def decode_stepwise(model: GPT, x: torch.Tensor, prefill: int) -> tuple[torch.Te
         logits, past = model.decode(x[:, t : t + 1], past)
         steps.append(logits)
     return torch.cat(steps, dim=1), past
+
+
+def sigkill_after(proc: subprocess.Popen, ready: Path, what: str) -> float:
+    """SIGKILL ``proc`` at a random moment (0-0.1 s) after ``ready`` appears; returns the delay.
+    Fails if ``ready`` never appears or the process finished before the kill."""
+    deadline = time.monotonic() + 120
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert ready.exists(), f"the run never wrote its {what}"
+    delay = random.Random(os.getpid()).uniform(0.0, 0.1)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run finished before the kill (delay {delay:.3f}s)"
+    return delay

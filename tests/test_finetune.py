@@ -7,14 +7,13 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from lm_fixtures import sigkill_after
 from safetensors.torch import load_file
 
 from gpt.checkpoint import load_model, save_model
@@ -296,16 +295,7 @@ def test_resume_after_sigkill_is_bitwise_identical(keyword_task, tmp_path):
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     a = subprocess.Popen([*args, "--out", str(run_a)], env=ENV, cwd=REPO, stderr=subprocess.DEVNULL)
     b = subprocess.Popen([*args, "--out", str(run_b)], env=ENV, cwd=REPO, stderr=subprocess.DEVNULL)
-    ready = run_b / "checkpoints" / "step-000008" / "trainer_state.json"
-    deadline = time.monotonic() + 120
-    while not ready.exists() and b.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert ready.exists(), "run B never wrote its step-8 checkpoint"
-    delay = random.Random(os.getpid()).uniform(0.0, 0.1)
-    time.sleep(delay)
-    b.send_signal(signal.SIGKILL)
-    b.wait()
-    assert b.returncode == -signal.SIGKILL, f"run B finished before the kill (delay {delay:.3f}s)"
+    sigkill_after(b, run_b / "checkpoints" / "step-000008" / "trainer_state.json", "step-8 checkpoint")
     assert not (run_b / "manifest.json").exists()  # a killed run never looks complete
     subprocess.run([*args, "--out", str(run_b)], env=ENV, cwd=REPO, check=True, capture_output=True)
     assert a.wait(timeout=120) == 0

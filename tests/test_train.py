@@ -7,15 +7,14 @@ import math
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lm_fixtures import sigkill_after
 from safetensors.torch import load_file
 
 from gpt.checkpoint import OPTIMIZER, WEIGHTS, latest_checkpoint, load_model, step_dir
@@ -206,16 +205,7 @@ def test_resume_after_sigkill_is_bitwise_identical(shards, tmp_path):
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     a = subprocess.Popen(cli(*common, "--out", str(run_a)), env=ENV, cwd=REPO, stderr=subprocess.DEVNULL)
     b = subprocess.Popen(cli(*common, "--out", str(run_b)), env=ENV, cwd=REPO, stderr=subprocess.DEVNULL)
-    ready = step_dir(run_b, 30) / "trainer_state.json"
-    deadline = time.monotonic() + 120
-    while not ready.exists() and b.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert ready.exists(), "run B never wrote its step-30 checkpoint"
-    delay = random.Random(os.getpid()).uniform(0.0, 0.1)
-    time.sleep(delay)
-    b.send_signal(signal.SIGKILL)
-    b.wait()
-    assert b.returncode == -signal.SIGKILL, f"run B finished before the kill (delay {delay:.3f}s)"
+    sigkill_after(b, step_dir(run_b, 30) / "trainer_state.json", "step-30 checkpoint")
     assert not (run_b / "manifest.json").exists()
     killed_at = latest_checkpoint(run_b).name
 
