@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser, texts: bool = True, bundle_re
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    parser.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=None,
+        help="never repeat an n-gram of the output (0 = off; default: the bundle's, else 0)",
+    )
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed")
     parser.add_argument(
@@ -56,14 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser, texts: bool = True, bundle_re
     parser.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is available")
 
 
-def generation_config(args: argparse.Namespace):
+def generation_config(args: argparse.Namespace, defaults: dict | None = None):
+    """The flags as a GenerationConfig; ``--no-repeat-ngram-size`` and ``--stop`` left out take the
+    bundle's decoding defaults (``defaults``: its config.json ``generation``)."""
+    defaults = defaults or {}
+    no_repeat = args.no_repeat_ngram_size
     return _runtime().GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
-        stop=list(args.stop),
+        no_repeat_ngram_size=defaults.get("no_repeat_ngram_size", 0) if no_repeat is None else no_repeat,
+        stop=list(args.stop) or list(defaults.get("stop", [])),
         seed=args.seed,
         context_policy=args.context_policy,
     )
@@ -82,7 +93,7 @@ def run(args: argparse.Namespace, mode: str | None = None) -> int:
         for text, result in zip(texts, model.classify(texts), strict=True):
             print(json.dumps({"text": text, **result}, ensure_ascii=False))
         return 0
-    cfg = generation_config(args)
+    cfg = generation_config(args, model.config.generation)
     for text in texts:
         if args.stream:
             for piece in model.stream(text, cfg):

@@ -38,6 +38,7 @@ from gpt.bundle import (
     BundleConfig,
     classification_windows,
     lm_io_names,
+    repeated_ngram_bans,
     window_room,
 )
 
@@ -52,6 +53,7 @@ class GenerationConfig:
     top_k: int = 0  # keep the k most likely tokens (0 = off)
     top_p: float = 1.0  # keep the smallest set of tokens with this much probability (1 = off)
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (CTRL)
+    no_repeat_ngram_size: int = 0  # never repeat an n-gram of the output (0 = off; see repeated_ngram_bans)
     stop: list[str] = field(default_factory=list)  # strings that end generation (not included in text)
     stop_token_ids: list[int] = field(default_factory=list)  # ids that end generation (EOS always does)
     seed: int | None = None  # sampling seed (None = fresh randomness)
@@ -76,6 +78,10 @@ class GenerationConfig:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1] (1 = off)")
         if not (isinstance(self.repetition_penalty, int | float) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty={self.repetition_penalty!r} must be > 0 (1 = off)")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            raise ValueError(
+                f"no_repeat_ngram_size={self.no_repeat_ngram_size!r} must be an integer >= 0 (0 = off)"
+            )
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop={self.stop!r} must be a list of non-empty strings")
         if self.context_policy not in CONTEXT_POLICIES:
@@ -367,8 +373,8 @@ class OnnxLM(_Bundle):
             yield batch.step()
 
     def _config(self, cfg: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
-        if cfg is None:
-            return GenerationConfig(**overrides)
+        if cfg is None:  # the bundle's own defaults (its task's decoding), then the caller's
+            return GenerationConfig(**{**(self.config.generation or {}), **overrides})
         return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     def generate_ids(
@@ -508,8 +514,16 @@ class Row:
     def text(self) -> str:
         return self.tracker.final_text
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits: the batch's argmax is this row's token."""
+        return self.cfg.temperature == 0.0 and self.seen is None and not self.cfg.no_repeat_ngram_size
+
     def sample(self, logits: np.ndarray) -> int:
         """The next token from this row's last-position logits (1, V)."""
+        if bans := repeated_ngram_bans(self.token_ids, self.cfg.no_repeat_ngram_size):
+            logits = logits.copy()
+            logits[0, sorted(bans)] = -np.inf
         token = int(_pick(logits, self.cfg, self.rng, self.seen)[0])
         if self.seen is not None:
             self.seen[0, token] = True
@@ -662,7 +676,7 @@ class DecodeBatch:
         greedy = None
         out = []
         for i, r in enumerate(rows):
-            if r.cfg.temperature == 0.0 and r.seen is None:
+            if r.plain_greedy:
                 if greedy is None:
                     greedy = last.argmax(axis=-1)
                 token = int(greedy[i])

@@ -22,7 +22,9 @@ Behaviour under load and bad input:
   413, bodies that do not arrive within ``body_timeout_s`` 408. A loopback bind accepts only loopback
   Host headers (DNS rebinding); ``/docs`` and ``/openapi.json`` exist only with ``docs``.
 - Sampling defaults follow OpenAI (temperature 1, top_p 1, max_tokens 16); temperature 0 is greedy.
-  ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are accepted as extensions (vLLM's names).
+  ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are accepted as extensions (vLLM's names), and
+  ``no_repeat_ngram_size`` (HF's name). ``stop`` and ``no_repeat_ngram_size`` left out take the
+  bundle's decoding defaults (``config.json`` ``generation``: what its task was evaluated with).
   OpenAI fields this server does not implement (``echo``, ``logprobs``, ``best_of``, penalties,
   ``logit_bias``, ``suffix``) are accepted only at their neutral values; unknown fields are rejected.
 - ``/health`` answers ``{"status": "ok"}`` to anyone; the served version and scheduler figures
@@ -292,6 +294,7 @@ class CompletionRequest(BaseModel):
     # Extensions (vLLM spells them the same way).
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=32)
     ignore_eos: bool | None = None
     # OpenAI fields accepted only at their neutral values.
     echo: bool | None = None
@@ -784,13 +787,17 @@ def _completion_rows(body: CompletionRequest, model: Any, config: ServerConfig) 
                 param="prompt" if count >= context else "max_tokens",
                 code="context_length_exceeded",
             )
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    # A field the request leaves out takes the bundle's decoding default (its task's), then OpenAI's.
+    defaults = getattr(getattr(model, "config", None), "generation", None) or {}
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or defaults.get("stop", []))
+    no_repeat = body.no_repeat_ngram_size
     cfg = GenerationConfig(
         max_new_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_k=body.top_k or 0,
         top_p=1.0 if body.top_p is None else body.top_p,
         repetition_penalty=body.repetition_penalty or 1.0,
+        no_repeat_ngram_size=defaults.get("no_repeat_ngram_size", 0) if no_repeat is None else no_repeat,
         stop=stop,
         seed=body.seed,
         context_policy=config.context_policy,

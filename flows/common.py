@@ -3,7 +3,6 @@ that skips a finished stage or recomputes one whose output has gone missing."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,21 +10,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from flows.caching import is_complete, stage_cache_key, stage_dir, stage_inputs, stage_module
-
-TELEMETRY_OFF = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    # The temporary (ephemeral) API server needs more than the 20 s default on a busy 2-core box.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}
-
-
-def quiet_defaults() -> None:
-    """Telemetry off unless the user chose otherwise (each variable only if unset)."""
-    for key, value in TELEMETRY_OFF.items():
-        os.environ.setdefault(key, value)
+from flows.env import TELEMETRY_OFF, quiet_defaults  # noqa: F401  (the stage flows import them here)
 
 
 def stage_task(name: str, retries: int = 0) -> Callable:

@@ -98,6 +98,24 @@ def classification_windows(
     return [[eos_id, *pre_ids, *piece, *post_ids, eos_id] for piece in pieces]
 
 
+def repeated_ngram_bans(output: Sequence[int], n: int) -> set[int]:
+    """The tokens that would make the last ``n`` tokens of ``output`` an n-gram it already holds.
+
+    The no-repeat-n-gram guard of fairseq and HF ``generate``, over the generated tokens only (a
+    headline may copy phrases from its article; it must not loop on its own). Torch generation
+    (``gpt.generate``, hence evaluation) and the onnxruntime runtime and server all call this one
+    function, so a bundle decodes as its task was scored. ``n`` 0 is off.
+    """
+    if n <= 0 or len(output) < n:
+        return set()
+    tail = tuple(output[len(output) - n + 1 :])
+    return {output[i + n - 1] for i in range(len(output) - n + 1) if tuple(output[i : i + n - 1]) == tail}
+
+
+# Decoding defaults a bundle may carry (``BundleConfig.generation``): what its task was scored with.
+GENERATION_KEYS = {"no_repeat_ngram_size": int, "max_new_tokens": int, "stop": list}
+
+
 # --------------------------------------------------------------------------------------------
 # config.json
 
@@ -156,6 +174,7 @@ class BundleConfig:
     precision: str = "fp32"  # fp32 | int8
     quantization: dict[str, Any] | None = None  # int8: how (method, weight type)
     name: str | None = None  # the served model name (default: the bundle directory's name)
+    generation: dict[str, Any] | None = None  # LM: decoding defaults (GENERATION_KEYS) of its task
     # Reports from the export
     opset: int | None = None
     io: dict[str, Any] | None = None
@@ -239,6 +258,7 @@ class BundleConfig:
             raise _type_error("add_bos", self.add_bos, "true or false")
         if self.precision not in PRECISIONS:
             raise _type_error("precision", self.precision, " or ".join(map(repr, PRECISIONS)))
+        self._validate_generation()
         if self.kind == "classifier":
             self._validate_classifier()
         elif self.labels is not None or self.classifier_input is not None:
@@ -264,6 +284,23 @@ class BundleConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
                 raise _type_error(name, value, "an integer >= 0")
+
+    def _validate_generation(self) -> None:
+        if self.generation is None:
+            return
+        if not isinstance(self.generation, dict):
+            raise _type_error("generation", self.generation, "a mapping")
+        for key, value in self.generation.items():
+            want = GENERATION_KEYS.get(key)
+            if want is None:
+                raise ValueError(
+                    f"field 'generation' has unknown key {key!r}; known: {sorted(GENERATION_KEYS)}"
+                )
+            ok = _is_int(value) and value >= 0 if want is int else isinstance(value, want)
+            if key == "stop":
+                ok = ok and all(isinstance(x, str) and x for x in value)
+            if not ok:
+                raise _type_error(f"generation.{key}", value, f"a valid {want.__name__}")
 
     def _validate_classifier(self) -> None:
         labels = self.labels

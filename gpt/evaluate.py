@@ -77,7 +77,11 @@ def greedy_complete(
     budget = min(task.max_input_tokens, model.config.block_size - max_new)
     prompts = [encode_prompt(tokenizer, task, x, budget) for x in inputs]
     stops = _newline_ids(tokenizer) if task.single_line else set()
-    cfg = SamplingConfig(max_new_tokens=max_new, stop_token_ids=tuple(sorted(stops | {EOS_ID})))
+    cfg = SamplingConfig(
+        max_new_tokens=max_new,
+        stop_token_ids=tuple(sorted(stops | {EOS_ID})),
+        no_repeat_ngram_size=task.no_repeat_ngram_size,
+    )
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: little padding
     outputs: list[list[int]] = [[] for _ in prompts]
     with autocast(device, amp):

@@ -488,6 +488,7 @@ def export_bundle(
             add_bos=config.add_bos,
             labels=labels,
             classifier_input=_classifier_input(meta, cfg.block_size) if kind == "classifier" else None,
+            generation=meta.get("generation") if kind == "lm" else None,
             opset=config.opset,
             io={"inputs": [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]},
             source_checkpoint={

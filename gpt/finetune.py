@@ -154,8 +154,21 @@ def _save_best(model, weights, out_dir, checkpoint_dir, tokenizer_hash, task, co
         max_len=data.max_len,
         windows=config.windows,
         prompt_template=task.prompt_template,
+        generation=decoding_defaults(task),
         val=val,
     )
+
+
+def decoding_defaults(task: Task) -> dict | None:
+    """How a completion task's model should decode (what evaluation uses); the export puts it in the
+    bundle's config.json, so the runtime and the server decode that way unless a request says otherwise."""
+    if task.kind != "completion":
+        return None
+    return {
+        "no_repeat_ngram_size": task.no_repeat_ngram_size,
+        "max_new_tokens": task.max_target_tokens,
+        "stop": ["\n"] if task.single_line else [],
+    }
 
 
 def _trainer(task, config, model, data: TaskData, checkpoint_dir, out_dir, dd: Dist, device):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt.bundle import repeated_ngram_bans
 from gpt.model import GPT, KVCache
 
 
@@ -25,6 +26,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 disables
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    no_repeat_ngram_size: int = 0  # never repeat an n-gram of the output (gpt.bundle.repeated_ngram_bans)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -35,6 +37,8 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size={self.no_repeat_ngram_size} must be >= 0 (0 = off)")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -59,6 +63,17 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     logits = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _ban_repeats(logits: torch.Tensor, outputs: list[list[int]], n: int) -> torch.Tensor:
+    """``logits`` (B, V) with -inf where row b's next token would repeat an n-gram of ``outputs[b]``."""
+    banned = [(b, t) for b, out in enumerate(outputs) for t in repeated_ngram_bans(out, n)]
+    if not banned:
+        return logits
+    rows, cols = zip(*banned, strict=True)
+    logits = logits.clone()
+    logits[list(rows), list(cols)] = float("-inf")
+    return logits
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +209,7 @@ def generate_batch(
         live = list(range(len(contexts)))  # the prompt each batch row continues
         for n in range(1, cfg.max_new_tokens + 1):
             going = []
+            logits = _ban_repeats(logits, [out[i] for i in live], cfg.no_repeat_ngram_size)
             for r, token in enumerate(sample_next(logits, cfg, generator).tolist()):
                 if token not in stops:
                     out[live[r]].append(token)

@@ -45,6 +45,7 @@ class Task:
     max_input_tokens: int = 256  # tokens of input kept (prompt or text to classify, template included)
     max_target_tokens: int = 32  # completion tokens learned; also the generation budget at eval
     single_line: bool = False  # completions are one line: generation is cut at the first newline
+    no_repeat_ngram_size: int = 3  # completion: decoding never repeats an output n-gram (0 = off)
     language: str = "en"  # en | zh (zh: character n-grams for the TF-IDF baseline)
     val_fraction: float = 0.1
     test_fraction: float = 0.1

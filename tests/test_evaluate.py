@@ -93,7 +93,13 @@ def test_batched_greedy_matches_one_prompt_at_a_time(lm_dir):
     batched = greedy_complete(model, tok, task, inputs, batch_size=4)
     for text, got in zip(inputs, batched, strict=True):
         prompt = [tok.eos_id, *tok.encode(text), *tok.encode(":")]
-        alone = generate(model, prompt, max_new_tokens=12, stop_token_ids=(tok.eos_id,))
+        alone = generate(
+            model,
+            prompt,
+            max_new_tokens=12,
+            stop_token_ids=(tok.eos_id,),
+            no_repeat_ngram_size=task.no_repeat_ngram_size,
+        )
         assert got == tok.decode(alone).strip()
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from gpt.bundle import repeated_ngram_bans
 from gpt.config import ModelConfig
 from gpt.generate import SamplingConfig, filter_logits, generate, generate_batch
 from gpt.model import GPT
@@ -99,3 +100,26 @@ def test_batched_rows_stop_and_slide_independently(model):
     assert generate_batch(model, prompts, max_new_tokens=30) == alone
     assert generate_batch(model, prompts, max_new_tokens=30, stop_token_ids=(stop,)) == alone_stopped
     assert len(alone_stopped[1]) < 30
+
+
+def test_repeated_ngram_bans_names_the_tokens_that_would_repeat_an_ngram():
+    assert repeated_ngram_bans([5, 6, 7, 5, 6], 3) == {7}  # 5 6 7 is there: 5 6 -> 7 is banned
+    assert repeated_ngram_bans([5, 6, 5, 8, 5], 2) == {6, 8}
+    assert repeated_ngram_bans([5, 6, 7], 1) == {5, 6, 7}
+    assert repeated_ngram_bans([5, 6], 3) == set() and repeated_ngram_bans([5, 5, 5], 0) == set()
+
+
+def has_repeated_ngram(ids: list[int], n: int) -> bool:
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_no_repeat_ngram_guard_breaks_a_greedy_loop_and_changes_nothing_before_it(model):
+    plain = generate(model, [5, 6, 7], max_new_tokens=40)
+    assert has_repeated_ngram(plain, 3)  # random weights loop: the case the guard exists for
+    guarded = generate(model, [5, 6, 7], max_new_tokens=40, no_repeat_ngram_size=3)
+    assert len(guarded) == 40 and not has_repeated_ngram(guarded, 3)
+    first = next(i for i in range(3, 41) if has_repeated_ngram(plain[:i], 3))  # first repeat ends here
+    assert guarded[: first - 1] == plain[: first - 1]
+    batched = generate_batch(model, [[5, 6, 7], [9]], max_new_tokens=40, no_repeat_ngram_size=3)
+    assert batched[0] == guarded  # per row, as alone

@@ -139,6 +139,31 @@ def test_repetition_penalty_changes_a_repetitive_greedy_output(random_lm):
     assert len(set(penalized)) > len(set(plain))
 
 
+def test_no_repeat_guard_decodes_as_torch_does_and_defaults_to_the_bundles_setting(random_lm, tmp_path):
+    from gpt.bundle import BundleConfig
+    from gpt.generate import generate_batch
+
+    torch.manual_seed(0)  # the random_lm fixture's weights
+    model = GPT(ModelConfig.preset("tiny", vocab_size=random_lm.vocab_size, pos_encoding="rope")).eval()
+    prompt = [random_lm.start_id, *random_lm.encode("sea")]
+    torch_ids = generate_batch(model, [prompt], max_new_tokens=30, no_repeat_ngram_size=2)[0]
+    cfg = GenerationConfig(max_new_tokens=30, ignore_eos=True, no_repeat_ngram_size=2)
+    assert random_lm.generate_ids([prompt], cfg)[0] == torch_ids
+    plain = random_lm.generate_ids([prompt], max_new_tokens=30, ignore_eos=True)[0]
+    assert plain != torch_ids  # the guard changed this output
+    bundle = tmp_path / "bundle"
+    shutil.copytree(random_lm.bundle, bundle)
+    config = BundleConfig.read(bundle)
+    config.generation = {"no_repeat_ngram_size": 2}
+    config.write(bundle)
+    lm = load_bundle(bundle)
+    assert lm.generate_ids([prompt], max_new_tokens=30, ignore_eos=True)[0] == torch_ids
+    assert lm.generate_ids([prompt], GenerationConfig(max_new_tokens=30, ignore_eos=True))[0] == plain
+    config.generation = {"no_repeat_ngram_sise": 2}
+    with pytest.raises(ValueError, match="no_repeat_ngram_sise"):
+        config.write(bundle)
+
+
 def test_context_overflow_errors_or_slides_by_policy(random_lm):
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 10
     assert len(random_lm.encode(long_prompt)) > random_lm.max_context

@@ -122,6 +122,16 @@ def test_sdk_completion_equals_runtime_greedy_output(server, models, prompt):
     assert got.object == "text_completion" and got.model == lm_name and got.id.startswith("cmpl-")
 
 
+def test_no_repeat_ngram_size_decodes_as_the_runtime_does(client, models):
+    lm, _, _ = models
+    body = {"prompt": "the market", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    want = greedy(lm, "the market", 40, ignore_eos=True, no_repeat_ngram_size=2)
+    plain = greedy(lm, "the market", 40, ignore_eos=True)
+    assert want.token_ids != plain.token_ids  # the guard changes this output (else the test proves nothing)
+    got = client.post("/v1/completions", json={**body, "no_repeat_ngram_size": 2}).json()
+    assert got["choices"][0]["text"] == want.text
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_sdk_stream_concatenates_to_runtime_greedy_output(server, models, prompt):
     lm, lm_name, _ = models
@@ -229,6 +239,8 @@ def test_empty_prompt_is_the_start_token_alone(client):
         ({"prompt": "x", "stop": ""}, 400, "stop"),
         ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"prompt": "x", "seed": -1}, 400, "seed"),
+        ({"prompt": "x", "no_repeat_ngram_size": -1}, 400, "no_repeat_ngram_size"),
+        ({"prompt": "x", "no_repeat_ngram_size": 2.0}, 400, "no_repeat_ngram_size"),
         ({"prompt": "x", "echo": True}, 400, "echo"),
         ({"prompt": "x", "logprobs": 2}, 400, "logprobs"),
         ({"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),

@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.common import quiet_defaults
+    from flows.env import quiet_defaults
 
     quiet_defaults()  # before prefect/mlflow are imported
     from flows.pipeline import DEFAULT_TASKS, pipeline, render_summary
