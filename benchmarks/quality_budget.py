@@ -85,6 +85,13 @@ def main() -> None:
         help="wall-clock seconds up to the end of training, or 'auto': nanoGPT's measured wall time",
     )
     p.add_argument("--peer-iters", type=int, default=2000, help="nanoGPT iterations for --budget auto")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="train exactly this many steps, the cosine over steps (no time budget): quality per step "
+        "for ablations, free of this VM's slow spells",
+    )
     p.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary size")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
@@ -112,6 +119,8 @@ def main() -> None:
     if not args.data.is_file():
         raise SystemExit(f"{args.data} not found; pass --data PATH to tinyshakespeare.txt")
     peer = None
+    if args.steps:
+        args.budget = "inf"
     if args.budget == "auto":
         if reason := unavailable(args.data):
             raise SystemExit(f"--budget auto needs the nanoGPT peer: {reason}")
@@ -162,7 +171,10 @@ def main() -> None:
     def lr_now(step: int) -> float:  # warmup over steps, then cosine over the *time* budget
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
-        progress = min(1.0, (time.perf_counter() - t_start) / args.budget)
+        if args.steps:
+            progress = min(1.0, step / args.steps)
+        else:
+            progress = min(1.0, (time.perf_counter() - t_start) / args.budget)
         return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
     marks: dict[str, float] = {}  # when the final evaluation began: the end of the budget
@@ -183,7 +195,10 @@ def main() -> None:
         schedule=lr_now,
         evaluate=evaluate,
         plan=Plan(
-            max_steps=10**9, grad_clip=1.0, log_interval=10**9, max_time=args.budget - (t_train - t_start)
+            max_steps=args.steps or 10**9,
+            grad_clip=1.0,
+            log_interval=10**9,
+            max_time=0.0 if args.steps else args.budget - (t_train - t_start),
         ),
         device=device,
         amp=amp,
@@ -199,7 +214,8 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "quality_budget",
-                "budget_s": args.budget,
+                "budget_s": None if args.steps else args.budget,
+                "fixed_steps": args.steps or None,
                 "val_bpb": val["val_bpb"],
                 "val_loss_nats_per_token": val["val_loss"],
                 "val_bytes": val["val_bytes"],
