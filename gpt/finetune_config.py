@@ -49,7 +49,7 @@ class FinetuneConfig(ConfigBase):
     compile: bool = False  # torch.compile the loss (the first step's compile time is reported apart)
     seed: int = 1337  # data order, sampling and dropout
     max_time: float = 0.0  # seconds of training before stopping at the best val checkpoint (0 = no limit)
-    resume: bool = True  # continue from out_dir/state when an earlier run with this config stopped
+    resume: bool = True  # continue from out_dir/checkpoints when an earlier run with this config stopped
 
     def __post_init__(self) -> None:
         _one_of(self, "method", METHODS)
