@@ -33,9 +33,10 @@ from nanogpt_peer import run_nanogpt, unavailable  # beside this script
 
 from gpt.config import ModelConfig
 from gpt.device import Dist, resolve_precision
-from gpt.engine import Plan, Trainer, wrap
+from gpt.engine import Plan, Trainer
 from gpt.model import GPT
 from gpt.optim import build_train_optimizer
+from gpt.parallel import wrap
 from gpt.scoring import evaluate_lm
 from gpt.tokenizer import Tokenizer, TokenizerConfig
 from gpt.train_config import TrainConfig

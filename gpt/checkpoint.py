@@ -60,12 +60,18 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def save_model(out_dir: str | Path, model: torch.nn.Module, **meta: Any) -> Path:
-    """Write weights then the sidecar, each atomically; the sidecar last marks the directory complete."""
+def save_model(
+    out_dir: str | Path, model: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None, **meta: Any
+) -> Path:
+    """Write weights then the sidecar, each atomically; the sidecar last marks the directory complete.
+    ``weights`` (as :func:`model_state_dict` gives them, e.g. gathered from a sharded model) replace
+    the model's own."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / WEIGHTS) as tmp:
-        save_file(model_state_dict(model), str(tmp), metadata={"format": "pt"})
+        save_file(
+            model_state_dict(model) if weights is None else weights, str(tmp), metadata={"format": "pt"}
+        )
     atomic_write_json(out_dir / META, {"model": unwrap(model).config.to_dict(), **meta})
     return out_dir
 
@@ -118,12 +124,16 @@ def load_model(
 
 
 def save_model_dir(
-    out_dir: str | Path, model: torch.nn.Module, tokenizer_path: str | Path | None = None, **meta: Any
+    out_dir: str | Path,
+    model: torch.nn.Module,
+    tokenizer_path: str | Path | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    **meta: Any,
 ) -> Path:
     """A self-contained model directory (weights, sidecar, tokenizer), replaced atomically as a whole."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_model(tmp, model, **meta)
+        save_model(tmp, model, weights, **meta)
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
     return out_dir
@@ -176,21 +186,24 @@ def save_training_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer_path: str | Path | None = None,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
     **meta: Any,
 ) -> Path:
     """Write model + optimizer + ``trainer_state`` (JSON-able) as one atomic checkpoint directory.
 
     ``meta`` goes into model.json (tokenizer_hash, step, val metrics) so the directory also loads
     with :func:`load_model`. ``extra_tensors`` (name -> state dict) land beside as ``name.safetensors``
-    (finetuning keeps its best weights there). Checksums of the files land in trainer_state.json,
-    written last.
+    (finetuning keeps its best weights there). ``weights`` and ``optimizer_state`` (gathered from a
+    sharded model: ``gpt.parallel.full_state``) replace those of ``model`` and ``optimizer``.
+    Checksums of the files land in trainer_state.json, written last.
     """
     ckpt_dir = Path(ckpt_dir)
     with atomic_dir(ckpt_dir) as tmp:
-        save_model(tmp, model, **meta)
+        save_model(tmp, model, weights, **meta)
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
-        tensors, opt_meta = flatten_optimizer_state(optimizer)
+        tensors, opt_meta = flatten_optimizer_state(optimizer if optimizer_state is None else optimizer_state)
         with atomic_path(tmp / OPTIMIZER) as t:
             save_file(tensors, str(t), metadata={"format": "pt"})
         extra = sorted(extra_tensors or {})

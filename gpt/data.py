@@ -358,6 +358,11 @@ class TrainLoader:
     Each epoch the split is cut into non-overlapping windows at a random offset and visited in a random
     order; global sample ``step * batch_size * world_size + rank * batch_size + i`` is that order's
     entry, so ranks draw disjoint windows and resuming at a step reproduces the same batches.
+
+    The saved cursor counts global samples, so it resumes at another world size: the ``k * G`` samples
+    of ``k`` optimizer steps with a global batch of ``G = batch_size * grad_accum * world_size`` are
+    always samples ``[0, k * G)``, whichever way ranks and micro-batches split them (2 ranks x 1
+    micro-batch and 1 rank x 2 micro-batches draw the same windows in every optimizer step).
     """
 
     def __init__(
@@ -427,6 +432,7 @@ class TrainLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "samples": self.step * self.batch_size * self.world_size,  # global samples consumed
             "step": self.step,
             "seed": self.seed,
             "block_size": self.block_size,
@@ -437,19 +443,30 @@ class TrainLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("block_size", "batch_size", "world_size"):
+        """Continue at the saved global sample, at any world size that divides it into whole steps."""
+        for key in ("block_size", "batch_size"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"loader state has {key}={state[key]}, this loader has {getattr(self, key)}; "
-                    "resume with the same block_size, batch_size and world_size"
+                    "resume with the same block_size and batch_size"
                 )
         if "num_tokens" in state and state["num_tokens"] != self.dataset.num_tokens:
             raise ValueError(
                 f"loader state was saved on a split of {state['num_tokens']} tokens, this one has "
                 f"{self.dataset.num_tokens}; resume on the same shards"
             )
+        # Older checkpoints count loader steps of the world size they ran at.
+        saved_world = state.get("world_size", self.world_size)
+        samples = state.get("samples", state["step"] * self.batch_size * saved_world)
+        per_step = self.batch_size * self.world_size
+        if samples % per_step:
+            raise ValueError(
+                f"loader state is at global sample {samples}, which is not a whole number of batches of "
+                f"batch_size x world_size = {self.batch_size} x {self.world_size}; resume on a world size "
+                "that divides the global batch"
+            )
         self.seed = int(state["seed"])
-        self.step = int(state["step"])
+        self.step = samples // per_step
         self._epochs = {}
 
 

@@ -5,18 +5,18 @@ A stage builds its model, optimizer, batches and loss, then hands them to a :cla
     trainer = Trainer(module, model, optimizer, loader, loss_fn, schedule, evaluate, plan, device)
     result = trainer.fit()
 
-``fit()`` runs the steps: gradient accumulation (DDP all-reduces on the last micro-batch only),
-autocast, clipping, a NaN/inf guard that stops before a bad update, evaluation on rank 0 with
-best-model and early-stopping bookkeeping, a wall-clock budget that every rank obeys, atomic
-checkpoints (:class:`Checkpointer`, the format of ``gpt.checkpoint``) and ``metrics.jsonl``.
-Everything a run needs to continue bit for bit lives in :class:`TrainState`, the loader's state,
-the RNG states of every rank, and the model and optimizer tensors.
+``fit()`` runs the steps: gradient accumulation (DDP all-reduces, FSDP reduce-scatters, on the last
+micro-batch only), autocast, clipping, a NaN/inf guard that stops before a bad update, evaluation on
+rank 0 (on every rank when the model is sharded) with best-model and early-stopping bookkeeping, a
+wall-clock budget that every rank obeys, atomic checkpoints (:class:`Checkpointer`, the format of
+``gpt.checkpoint``, always unsharded) and ``metrics.jsonl``. Everything a run needs to continue bit
+for bit lives in :class:`TrainState`, the loader's state, the RNG states of every rank, and the model
+and optimizer tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -44,11 +44,11 @@ from gpt.checkpoint import (
     save_training_checkpoint,
     set_rng_state,
     step_dir,
-    unwrap,
     write_latest,
 )
 from gpt.device import Dist, autocast
 from gpt.optim import set_lr
+from gpt.parallel import full_state, gather_object, is_sharded, load_full_state, no_sync
 
 __all__ = ["Callbacks", "Checkpointer", "FitResult", "Plan", "Trainer", "TrainState", "TrainingDiverged"]
 
@@ -129,7 +129,7 @@ class FitResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Process group, wrapping, checksums
+# Process group
 
 
 @contextlib.contextmanager
@@ -147,33 +147,6 @@ def process_group(dd: Dist, device: torch.device) -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def wrap(module: torch.nn.Module, device: torch.device, dd: Dist, compile: bool) -> torch.nn.Module:
-    """``module`` compiled and/or DDP-wrapped; the engine calls the loss through the result."""
-    model = torch.compile(module) if compile else module
-    if dd.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
-
-
-def rank_checksums(module: torch.nn.Module, dd: Dist) -> list[str]:
-    """sha256 of the weights on every rank (DDP ranks must end identical)."""
-    h = hashlib.sha256()
-    for name, t in sorted(unwrap(module).state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return _gather(h.hexdigest(), dd)
-
-
-def _gather(obj: Any, dd: Dist) -> list[Any]:
-    if not dd.enabled:
-        return [obj]
-    out: list[Any] = [None] * dd.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Checkpoints and the metrics log
 
@@ -183,7 +156,8 @@ class Checkpointer:
 
     ``identity`` (configs, tokenizer hash, task) goes into every trainer_state.json so a resume can
     refuse a checkpoint of another run; ``meta`` goes into model.json. Saving is collective under
-    DDP (every rank's RNG state is gathered); only rank 0 writes.
+    torchrun (every rank's RNG state is gathered, and a sharded model's weights and optimizer state);
+    only rank 0 writes.
     """
 
     def __init__(
@@ -218,13 +192,24 @@ class Checkpointer:
         return ckpt
 
     def save(self, step, module, optimizer, trainer_state, extra_tensors=None, **meta) -> Path:
-        rngs = _gather(rng_state(), self.dd)
+        rngs = gather_object(rng_state(), self.dd)
+        weights, optimizer_state = full_state(module, optimizer)
         path = step_dir(self.run_dir, step)
         if not self.dd.master:
             return path
         state = {**trainer_state, **self.identity, "rng": rngs, "world_size": self.dd.world_size}
         save_training_checkpoint(
-            path, module, optimizer, state, self.tokenizer_path, extra_tensors, **self.meta, step=step, **meta
+            path,
+            module,
+            optimizer,
+            state,
+            self.tokenizer_path,
+            extra_tensors,
+            weights=weights,
+            optimizer_state=optimizer_state,
+            **self.meta,
+            step=step,
+            **meta,
         )
         write_latest(self.run_dir, path)
         prune_checkpoints(self.run_dir, self.keep_last)
@@ -270,8 +255,9 @@ def lower_val_loss(metrics: dict[str, Any]) -> tuple[float, ...]:
 
 @dataclass
 class Trainer:
-    """One training run. ``module`` is the plain model (clipped, checkpointed); ``model`` is what the
-    loss runs through (``module`` itself, or it wrapped by :func:`wrap`)."""
+    """One training run. ``module`` is the model (clipped, checkpointed; FSDP-sharded in place or
+    plain); ``model`` is what the loss runs through (``module`` itself, or it wrapped by
+    :func:`gpt.parallel.wrap`)."""
 
     module: torch.nn.Module
     model: torch.nn.Module
@@ -279,7 +265,7 @@ class Trainer:
     loader: Loader
     loss_fn: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]]  # (model, batch) -> (loss, tokens)
     schedule: Callable[[int], float]  # 0-based step -> learning rate
-    evaluate: Callable[[int], dict[str, Any]]  # step -> metrics; called on rank 0 only
+    evaluate: Callable[[int], dict[str, Any]]  # step -> metrics; rank 0 only (every rank if sharded)
     plan: Plan
     device: torch.device
     amp: torch.dtype | None = None  # autocast dtype (None = fp32)
@@ -291,30 +277,36 @@ class Trainer:
     callbacks: Callbacks | Any = field(default_factory=Callbacks)  # or any object with some of its hooks
     metrics: MetricsLog | None = None  # rank 0 only
     flops_per_token: float = 0.0
+    # The loader's cursor counts global samples and the stage keeps the global batch (by changing
+    # grad_accum), so a checkpoint written at another world size may be resumed.
+    elastic: bool = False
     state: TrainState = field(default_factory=TrainState)
     _last_ckpt: int = field(default=-1, init=False, repr=False)  # step of the newest checkpoint
 
     def restore(self, ckpt: TrainingCheckpoint) -> dict[str, dict[str, torch.Tensor]]:
         """Continue from ``ckpt``: weights, optimizer, loader, counters and this rank's RNG state.
-        Returns the checkpoint's extra tensors (``checkpoint_tensors`` at save time)."""
-        missing, unexpected = self.module.load_state_dict(ckpt.model_state, strict=False)
-        if set(missing) - {"lm_head.weight"} or unexpected:
-            raise ValueError(
-                f"{ckpt.path} does not match its model config: missing {missing}, unexpected {unexpected}"
-            )
+        Returns the checkpoint's extra tensors (``checkpoint_tensors`` at save time).
+
+        At another world size (``elastic`` only) rank r keeps saved rank r's RNG state when there was
+        one and gets a fresh seed otherwise: dropout masks then differ from the original run's."""
         st = ckpt.trainer_state
-        rngs = st["rng"]
-        if len(rngs) != self.dd.world_size:
+        rngs, dd = st["rng"], self.dd
+        if len(rngs) != dd.world_size and not self.elastic:
             raise ValueError(
-                f"{ckpt.path} was written by {len(rngs)} rank(s), this run has {self.dd.world_size}; "
+                f"{ckpt.path} was written by {len(rngs)} rank(s), this run has {dd.world_size}; "
                 "resume with the same --nproc_per_node"
             )
-        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        try:
+            load_full_state(self.module, self.optimizer, ckpt.model_state, ckpt.optimizer_state)
+        except ValueError as e:
+            raise ValueError(f"{ckpt.path} {e}") from e
         self.loader.load_state_dict(st["loader"])
         self.state.load_state_dict(st)
-        set_rng_state(rngs[self.dd.rank])
+        set_rng_state(rngs[min(dd.rank, len(rngs) - 1)])
+        if dd.rank >= len(rngs):  # a rank the checkpoint did not have: its own dropout stream
+            torch.manual_seed(self.state.step * 1_000_003 + dd.rank)
         self._last_ckpt = self.state.step
-        log.info("resumed from %s at step %d", ckpt.path, self.state.step)
+        log.info("resumed from %s at step %d (written by %d rank(s))", ckpt.path, self.state.step, len(rngs))
         return ckpt.extra
 
     def fit(self) -> FitResult:
@@ -355,7 +347,7 @@ class Trainer:
         bar.close()
         st.elapsed_s = time.perf_counter() - self._t_begin
         if st.step == start:  # a resumed run that was already complete: evaluate and save its state
-            if self.dd.master and (not st.evals or st.evals[-1]["step"] != st.step):
+            if self._evaluates and (not st.evals or st.evals[-1]["step"] != st.step):
                 self._evaluate()
             if self._last_ckpt != st.step and plan.checkpoint_at_end:
                 self._checkpoint()
@@ -370,7 +362,7 @@ class Trainer:
             batch = self.loader.next_batch()
             # Gradients are all-reduced only on the last micro-batch of a step.
             sync = not dd.enabled or micro == plan.grad_accum - 1
-            with contextlib.nullcontext() if sync else self.model.no_sync():
+            with contextlib.nullcontext() if sync else no_sync(self.model):
                 with autocast(self.device, self.amp):
                     loss, n = self.loss_fn(self.model, batch)
                 (loss / plan.grad_accum).backward()
@@ -378,6 +370,8 @@ class Trainer:
             tokens += n * dd.world_size
         max_norm = plan.grad_clip if plan.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a sharded model's norm is a DTensor (already reduced)
+            grad_norm = grad_norm.full_tensor()
         # One small all-reduce: the mean loss for the log, and rank 0's time-budget verdict for all.
         out_of_time = plan.max_time > 0 and time.perf_counter() - self._t_begin >= plan.max_time
         packet = torch.stack(
@@ -413,7 +407,7 @@ class Trainer:
         reason = "max_time" if out_of_time else None
         if due_eval or last:
             early = False
-            if dd.master:
+            if self._evaluates:
                 self._evaluate()
                 early = bool(plan.patience) and st.bad_evals >= plan.patience
             if dd.enabled:  # the other ranks wait while rank 0 evaluates, then learn its verdict
@@ -431,7 +425,14 @@ class Trainer:
             log.info("stopping at step %d: %s", st.step, reason)
         return reason
 
+    @property
+    def _evaluates(self) -> bool:
+        """Rank 0 evaluates; every rank does when the model is sharded (its forward is collective)."""
+        return self.dd.master or is_sharded(self.module)
+
     def _evaluate(self) -> None:
+        """On rank 0 (and, for a sharded model, on every rank: same numbers, same bookkeeping, so
+        ``on_best`` runs everywhere and may gather the weights); only rank 0 logs."""
         st = self.state
         metrics = self.evaluate(st.step)
         record = {"step": st.step, **metrics}
@@ -445,6 +446,8 @@ class Trainer:
                 self.on_best(st.step, metrics)
         else:
             st.bad_evals += 1
+        if not self.dd.master:
+            return
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         log.info("step %d/%d: %s%s", st.step, self.plan.max_steps, shown, " (best)" if improved else "")
         _call(self.callbacks, "on_eval", st.step, metrics)
@@ -452,7 +455,12 @@ class Trainer:
     def _checkpoint(self) -> None:
         st = self.state
         st.elapsed_s = time.perf_counter() - self._t_begin
-        trainer_state = {**st.state_dict(), "loader": self.loader.state_dict(), "lr": self.schedule(st.step)}
+        trainer_state = {
+            **st.state_dict(),
+            "loader": self.loader.state_dict(),
+            "lr": self.schedule(st.step),
+            "grad_accum": self.plan.grad_accum,  # with world_size and the loader's batch: the global batch
+        }
         last_val = st.evals[-1] if st.evals and st.evals[-1]["step"] == st.step else {}
         extra = self.checkpoint_tensors() if self.checkpoint_tensors else None
         meta = {k: v for k, v in last_val.items() if k != "step" and isinstance(v, int | float)}

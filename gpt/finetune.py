@@ -23,11 +23,12 @@ import torch
 
 from gpt.checkpoint import TOKENIZER, WEIGHTS, load_model, save_model_dir
 from gpt.device import Dist, dist_from_env, resolve_device, resolve_precision
-from gpt.engine import METRICS, Callbacks, Checkpointer, MetricsLog, Plan, Trainer, process_group, wrap
+from gpt.engine import METRICS, Callbacks, Checkpointer, MetricsLog, Plan, Trainer, process_group
 from gpt.finetune_config import FinetuneConfig
 from gpt.io import sha256_file, write_manifest
 from gpt.lora import merge_lora
 from gpt.optim import build_optimizer, lr_at
+from gpt.parallel import wrap
 from gpt.task_data import TaskData, TaskLoader, encode_task, resolve_max_len, sample_examples, task_labels
 from gpt.task_model import TaskLoss, set_trainable, task_loss, val_score, validate
 from gpt.tasks import Task, get_task, load_task_splits

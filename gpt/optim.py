@@ -167,10 +167,10 @@ def set_lr(optimizer: torch.optim.Optimizer | MuonWithAdamW, lr: float) -> None:
 
 
 def flatten_optimizer_state(
-    optimizer: torch.optim.Optimizer | MuonWithAdamW,
+    optimizer: torch.optim.Optimizer | MuonWithAdamW | dict[str, Any],
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``optimizer.state_dict()`` as (flat CPU tensors for safetensors, JSON-able rest)."""
-    sd = optimizer.state_dict()
+    """``optimizer.state_dict()`` (or that dict itself) as (flat CPU tensors for safetensors, JSON-able rest)."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in sd["state"].items():

@@ -1,7 +1,12 @@
 """Pretraining: the stage function ``train()`` (called by the CLI, the Prefect flow and the tests)
 builds the model, optimizer and shard loader and hands them to the engine (``gpt.engine.Trainer``):
-accumulation, bf16 autocast, DDP under ``torchrun`` (rank 0 logs and writes), periodic evaluation
-(loss and bits per byte) and atomic checkpoints from which a run resumes bit for bit.
+accumulation, bf16 autocast, DDP or FSDP2 under ``torchrun`` (rank 0 logs and writes), periodic
+evaluation (loss and bits per byte) and atomic checkpoints from which a run resumes bit for bit.
+
+Elastic resume: a checkpoint continues at another world size (``torchrun --nproc_per_node`` or
+``--nnodes``) with the same global batch (batch_size x grad_accum x world_size sequences per step):
+batch_size stays, grad_accum is recomputed (:func:`resume_grad_accum`), and the loader's cursor is in
+global samples, so every optimizer step sees the same windows as it would have.
 
 Output directory:
     checkpoints/step-000060/   model.safetensors, model.json, tokenizer.model, optimizer.safetensors,
@@ -44,17 +49,16 @@ from gpt.engine import (
     Trainer,
     TrainingDiverged,
     process_group,
-    rank_checksums,
-    wrap,
 )
 from gpt.io import MANIFEST, sha256_file, write_manifest
 from gpt.model import GPT
 from gpt.optim import build_train_optimizer, lr_at
+from gpt.parallel import full_state, rank_checksums, wrap
 from gpt.scoring import evaluate_lm
 from gpt.tokenizer import Tokenizer
 from gpt.train_config import TrainConfig
 
-__all__ = ["Callbacks", "TrainConfig", "TrainingDiverged", "train"]
+__all__ = ["Callbacks", "TrainConfig", "TrainingDiverged", "resume_grad_accum", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +90,14 @@ def train(
     tokenizer = Tokenizer(data_dir / TOKENIZER)
     model_config = model_config.replace(vocab_size=tokenizer.vocab_size)
     with process_group(dd, device):
-        trainer = _trainer(model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from, dd, device)
+        trainer, cfg = _trainer(
+            model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from, dd, device
+        )
         trainer.callbacks = callbacks or Callbacks()
         result = trainer.fit()
         checksums = rank_checksums(trainer.module, dd)
     if len(set(checksums)) > 1:
-        raise RuntimeError(f"DDP ranks ended with different weights (checksums {checksums}); this is a bug")
+        raise RuntimeError(f"ranks ended with different weights (checksums {checksums}); this is a bug")
 
     st = trainer.state
     final, best = (st.evals[-1] if st.evals else {}), st.best
@@ -139,8 +145,11 @@ def train(
     return summary
 
 
-def _trainer(model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from, dd, device) -> Trainer:
-    """The model (fresh, ``init_from``, or the checkpoint to resume), its optimizer and loader, in an engine."""
+def _trainer(
+    model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from, dd, device
+) -> tuple[Trainer, TrainConfig]:
+    """The model (fresh, ``init_from``, or the checkpoint to resume), its optimizer and loader, in an
+    engine; and ``cfg`` as this run uses it (grad_accum recomputed on an elastic resume)."""
     train_ds = ShardDataset(data_dir, "train", tokenizer_hash=tokenizer.hash)
     val_ds = ShardDataset(data_dir, "val", tokenizer_hash=tokenizer.hash, verify=False)
     if val_ds.num_tokens < 2:
@@ -155,7 +164,19 @@ def _trainer(model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from,
     ckpt = checkpointer.resume_point(resume)
     if ckpt is not None:
         _check_resumable(ckpt, model_config, cfg, tok_hash, data_dir)
+        accum = resume_grad_accum(ckpt.trainer_state, cfg.batch_size, dd.world_size)
+        if accum != cfg.grad_accum:
+            log.warning(
+                "grad_accum %d -> %d keeps the checkpoint's global batch of %d sequences on %d rank(s)",
+                cfg.grad_accum,
+                accum,
+                accum * cfg.batch_size * dd.world_size,
+                dd.world_size,
+            )
+            cfg = cfg.replace(grad_accum=accum)
+        checkpointer.identity["train_config"] = cfg.to_dict()
     model = _model(model_config, cfg.seed, None if ckpt else init_from, tok_hash, data_dir, device)
+    trained = wrap(model, device, dd, cfg.compile, cfg.parallel)  # fsdp shards model in place
     optimizer = build_train_optimizer(model, cfg, device.type)
     block = model_config.block_size
     loader = TrainLoader(train_ds, block, cfg.batch_size, cfg.seed, dd.rank, dd.world_size, device)
@@ -175,7 +196,10 @@ def _trainer(model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from,
         return evaluate_lm(model, val_ds, block, cfg.batch_size, token_bytes, device, eval_batches, amp)
 
     def save_best(step: int, val: dict[str, float]) -> None:
-        save_model_dir(out_dir / "best", model, tok_path, tokenizer_hash=tok_hash, step=step, **val)
+        weights, _ = full_state(model)  # collective when sharded (every rank evaluates then)
+        if dd.master:
+            meta = dict(tokenizer_hash=tok_hash, step=step, **val)
+            save_model_dir(out_dir / "best", model, tok_path, weights, **meta)
 
     plan = Plan(
         max_steps=cfg.max_steps,
@@ -192,7 +216,7 @@ def _trainer(model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from,
     )
     trainer = Trainer(
         model,
-        wrap(model, device, dd, cfg.compile),
+        trained,
         optimizer,
         loader,
         _lm_loss,
@@ -206,22 +230,47 @@ def _trainer(model_config, cfg, data_dir, out_dir, tokenizer, resume, init_from,
         checkpointer=checkpointer,
         metrics=metrics,
         flops_per_token=model.flops_per_token(block),
+        elastic=True,
     )
     if ckpt is not None:
         trainer.restore(ckpt)
     precision = "bf16 autocast" if amp else "fp32"
     n, first = model.num_parameters() / 1e6, trainer.state.step
-    ranks = f"{dd.world_size} rank(s)"
+    ranks = f"{dd.world_size} rank(s), {cfg.parallel}" if dd.enabled else "1 process"
     log.info(
         f"training {n:.2f}M parameters on {device} ({precision}, {ranks}), steps {first}..{cfg.max_steps}"
     )
-    return trainer
+    return trainer, cfg
 
 
 def _lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
     x, y = batch
     _, loss = model(x, y)
     return loss, x.numel()
+
+
+def resume_grad_accum(trainer_state: dict[str, Any], batch_size: int, world_size: int) -> int:
+    """The grad_accum that keeps a checkpoint's global batch (sequences per optimizer step) with
+    ``batch_size`` sequences per micro-batch on ``world_size`` ranks; ValueError when none does.
+
+    The micro-batch stays as it was so that each forward pass has the shapes it had: a 2-rank run
+    resumed on 1 rank with twice the accumulation computes the same sums (bit for bit when no
+    dropout draws differ, see the README)."""
+    loader = trainer_state["loader"]
+    saved_world = trainer_state.get("world_size", len(trainer_state["rng"]))
+    # Checkpoints older than elastic resume ran with their config's grad_accum throughout.
+    saved_accum = trainer_state.get("grad_accum") or trainer_state["train_config"]["grad_accum"]
+    global_batch = loader["batch_size"] * saved_accum * saved_world
+    per_micro_step = batch_size * world_size
+    if global_batch % per_micro_step:
+        fits = [w for w in range(1, global_batch // batch_size + 1) if global_batch % (batch_size * w) == 0]
+        raise ValueError(
+            f"the checkpoint's global batch is {global_batch} sequences (batch_size {loader['batch_size']} x "
+            f"grad_accum {saved_accum} x {saved_world} rank(s)); {world_size} rank(s) x batch_size "
+            f"{batch_size} cannot keep it with a whole grad_accum. Resume on {', '.join(map(str, fits))} "
+            "rank(s) in all, or start a new run in another --out directory"
+        )
+    return global_batch // per_micro_step
 
 
 def _check_resumable(

@@ -14,6 +14,7 @@ from gpt.config import ConfigBase, _in_range, _one_of, _positive, _whole
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "muon")
+PARALLEL = ("ddp", "fsdp")  # how torchrun's ranks hold the model (gpt.parallel)
 MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
 
 
@@ -22,7 +23,7 @@ class TrainConfig(ConfigBase):
     """Optimizer, schedule, evaluation, checkpointing and runtime settings of ``gpt.train.train``."""
 
     batch_size: int = 16  # sequences per micro-batch on each rank
-    grad_accum: int = 1  # micro-batches per optimizer step (tokens/step = batch x block x accum x ranks)
+    grad_accum: int = 1  # micro-batches per optimizer step (tokens/step = batch x block x accum x ranks); --resume at another world size recomputes it to keep the checkpoint's global batch
     max_steps: int = 2000  # optimizer steps in the run; the cosine schedule ends here
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     min_lr: float = 1e-4  # floor the cosine decay ends at
@@ -40,6 +41,7 @@ class TrainConfig(ConfigBase):
     precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 on CUDA and on CPUs with bf16 matmul)
     compile: bool = False  # torch.compile the model (compile time is reported apart)
     device: str = "auto"  # auto | cpu | cuda (under torchrun: the local rank's GPU)
+    parallel: str = "ddp"  # ddp | fsdp under torchrun: ddp replicates the model, fsdp (FSDP2) shards weights, grads and optimizer state per block
     max_time: float = 0.0  # wall-clock budget in seconds: stop, evaluate and checkpoint (0 = none)
     optimizer: str = "adamw"  # adamw | muon (Muon for the 2-D weights in the blocks, AdamW for the rest)
     muon_lr: float = 0.02  # Muon's peak learning rate, scaled by the schedule like lr (optimizer=muon)
@@ -111,6 +113,12 @@ class TrainConfig(ConfigBase):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be true or false")
         _one_of(self, "optimizer", OPTIMIZERS)
+        _one_of(self, "parallel", PARALLEL)
+        if self.parallel == "fsdp" and self.optimizer != "adamw":
+            raise ValueError(
+                f"TrainConfig.parallel='fsdp' needs optimizer='adamw', not {self.optimizer!r}: Muon "
+                "orthogonalises whole matrices, which FSDP splits across ranks; use --parallel ddp with Muon"
+            )
         _one_of(self, "muon_adjust_lr", MUON_ADJUST_LR)
         _positive(self, "muon_lr")
         _in_range(self, "muon_momentum", 0.0, 1.0)

@@ -4,6 +4,7 @@ of a training process for the resume tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from gpt.checkpoint import save_model
@@ -50,15 +52,21 @@ def decode_stepwise(model: GPT, x: torch.Tensor, prefill: int) -> tuple[torch.Te
 
 
 def sigkill_after(proc: subprocess.Popen, ready: Path, what: str) -> float:
-    """SIGKILL ``proc`` at a random moment (0-0.1 s) after ``ready`` appears; returns the delay.
-    Fails if ``ready`` never appears or the process finished before the kill."""
+    """SIGKILL ``proc`` and every process it started (torchrun's ranks run in sessions of their own,
+    so a launcher's process group is not enough) at a random moment (0-0.1 s) after ``ready``
+    appears; returns the delay. Fails if ``ready`` never appears or the process finished first."""
     deadline = time.monotonic() + 120
     while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     assert ready.exists(), f"the run never wrote its {what}"
     delay = random.Random(os.getpid()).uniform(0.0, 0.1)
     time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        victims = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+        for victim in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.send_signal(signal.SIGKILL)
+        psutil.wait_procs(victims[:-1], timeout=30)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"the run finished before the kill (delay {delay:.3f}s)"
     return delay

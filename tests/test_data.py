@@ -244,6 +244,42 @@ def test_ranks_draw_disjoint_windows(train_ds):
         assert not (starts[0] & starts[1]) and not (starts[0] & starts[2]) and not (starts[1] & starts[2])
 
 
+def test_ranks_and_micro_batches_split_the_same_windows_per_optimizer_step(train_ds):
+    # Optimizer step k with grad_accum A takes loader steps kA..kA+A-1 on every rank.
+    def step_windows(world_size: int, accum: int, k: int) -> list[int]:
+        ranks = [
+            TrainLoader(train_ds, 32, 4, seed=2, rank=r, world_size=world_size) for r in range(world_size)
+        ]
+        return sorted(s for r in ranks for m in range(accum) for s in r.sample_starts(k * accum + m).tolist())
+
+    for k in range(6):
+        two_ranks = step_windows(2, 1, k)
+        assert step_windows(1, 2, k) == two_ranks and step_windows(4, 1, k) == step_windows(2, 2, k)
+        assert len(set(two_ranks)) == 8
+    assert step_windows(2, 1, 0) != step_windows(2, 1, 1)
+
+
+def test_loader_state_resumes_at_another_world_size_in_global_samples(train_ds):
+    ranks = [TrainLoader(train_ds, 32, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        for r in ranks:
+            r.next_batch()
+    state = json.loads(json.dumps(ranks[0].state_dict()))
+    assert state["samples"] == 3 * 4 * 2
+    expected = [b for _ in range(2) for b in (ranks[0].next_batch(), ranks[1].next_batch())]
+    old = {k: v for k, v in state.items() if k != "samples"}  # written before the cursor was global
+    for saved in (state, old):
+        single = TrainLoader(train_ds, 32, 4, seed=0)
+        single.load_state_dict(saved)
+        assert single.step == 6
+        for (x, y), (x2, y2) in zip(expected, (single.next_batch() for _ in range(4)), strict=True):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+    three = TrainLoader(train_ds, 32, 4, seed=3, rank=0, world_size=3)
+    three.next_batch()  # 12 samples: not a whole number of 2 x 4 batches
+    with pytest.raises(ValueError, match="global sample 12.*world size that divides"):
+        TrainLoader(train_ds, 32, 4, world_size=2).load_state_dict(three.state_dict())
+
+
 def test_an_epoch_visits_every_window_once(tok, tmp_path):
     texts = [f"sentence {i} of a small corpus" for i in range(200)]
     shard_corpus(_corpus(texts), tok.path, tmp_path, ShardConfig(val_fraction=0, test_fraction=0))

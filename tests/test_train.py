@@ -1,4 +1,5 @@
-"""Pretraining: schedule, evaluation maths, exact resume after SIGKILL, DDP, golden loss curve, bad input."""
+"""Pretraining: schedule, evaluation maths, exact resume after SIGKILL, DDP, elastic resume, two nodes,
+FSDP2, golden loss curve, bad input."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +27,7 @@ from gpt.model import GPT
 from gpt.optim import lr_at, param_groups
 from gpt.scoring import evaluate_lm
 from gpt.tokenizer import Tokenizer, TokenizerConfig
-from gpt.train import Callbacks, TrainConfig, TrainingDiverged, train
+from gpt.train import Callbacks, TrainConfig, TrainingDiverged, resume_grad_accum, train
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "pretrain_tiny_losses.json"
@@ -90,9 +92,37 @@ def final_tensors(run: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(latest_checkpoint(run) / name))
 
 
-def logged_losses(run: Path) -> dict[int, float]:
+def logged_losses(run: Path, key: str = "loss") -> dict[int, float]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
+
+
+TWO_RANKS = ["--standalone", "--nproc_per_node=2"]  # torchrun options of a single-node 2-rank run
+# The runs the 2-rank tests compare: 24 steps, checkpoints at 8, 16 and 24 (all kept), fp32, no dropout.
+RUN_24 = ["--preset", "tiny", "--precision", "fp32", "--max-steps", "24", "--checkpoint-interval", "8"]
+RUN_24 += ["--eval-interval", "24", "--keep-last", "3"]
+
+
+def run_24(shards: Path, out: Path, *flags: str, torchrun: list[str] | None = None) -> list[str]:
+    """`gptflow pretrain` with RUN_24 and ``flags``: one process, or under torchrun with its options."""
+    cmd = cli(*RUN_24, "--data", str(shards), "--out", str(out), *flags)
+    return cmd if torchrun is None else [sys.executable, "-m", "torch.distributed.run", *torchrun, *cmd[1:]]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(shards, tmp_path_factory) -> Path:
+    """The uninterrupted single-node 2-rank DDP run the elastic, two-node and FSDP runs are held to."""
+    out = tmp_path_factory.mktemp("ddp")
+    proc = subprocess.run(
+        run_24(shards, out, torchrun=TWO_RANKS),
+        env=ENV,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +167,26 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_per_byte(shards):
     assert counted < m["val_tokens"]
     expected = counted * math.log2(tok.vocab_size) / m["val_bytes"]
     assert m["val_bpb"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_parallel_is_a_typed_config_field_and_fsdp_refuses_muon():
+    assert TrainConfig.from_yaml(tiny(parallel="fsdp").to_yaml()).parallel == "fsdp"
+    with pytest.raises(ValueError, match="parallel.*ddp, fsdp"):
+        TrainConfig(parallel="zero3")
+    with pytest.raises(ValueError, match="parallel='fsdp' needs optimizer='adamw'.*--parallel ddp"):
+        TrainConfig(parallel="fsdp", optimizer="muon")
+
+
+def test_resume_grad_accum_keeps_the_global_batch_or_names_the_world_sizes_that_can():
+    two_ranks = {"loader": {"batch_size": 8}, "world_size": 2, "grad_accum": 1, "rng": [{}, {}]}
+    assert resume_grad_accum(two_ranks, batch_size=8, world_size=1) == 2
+    assert resume_grad_accum(two_ranks, batch_size=8, world_size=2) == 1
+    with pytest.raises(ValueError, match=r"global batch is 16 sequences.*Resume on 1, 2 rank\(s\)"):
+        resume_grad_accum(two_ranks, batch_size=8, world_size=4)
+    # Written before elastic resume: no grad_accum or world_size of its own, the config's and the RNGs'.
+    old = {"loader": {"batch_size": 4}, "rng": [{}, {}, {}], "train_config": {"grad_accum": 2}}
+    assert resume_grad_accum(old, batch_size=4, world_size=1) == 6
+    assert resume_grad_accum(old, batch_size=4, world_size=6) == 1
 
 
 def test_train_config_rejects_bad_values_naming_the_field():
@@ -251,6 +301,108 @@ def test_ddp_ranks_end_with_identical_weights_and_the_loss_decreases(shards, tmp
     losses = logged_losses(tmp_path)
     assert np.mean([losses[s] for s in (11, 12)]) < np.mean([losses[s] for s in (1, 2)]) - 0.5
     load_model(latest_checkpoint(tmp_path))
+
+
+def assert_same_checkpoint(run_a: Path, run_b: Path, atol: float = 0.0) -> None:
+    """The last checkpoints of both runs hold the same tensors (bit for bit when ``atol`` is 0)."""
+    for name in (WEIGHTS, OPTIMIZER):
+        ta, tb = final_tensors(run_a, name), final_tensors(run_b, name)
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            assert ta[key].shape == tb[key].shape and ta[key].dtype == tb[key].dtype
+            if atol == 0.0:
+                assert torch.equal(ta[key], tb[key]), f"{name}:{key} differs"
+            else:
+                torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=atol, msg=f"{name}:{key}")
+
+
+@pytest.mark.slow
+def test_two_rank_run_killed_and_resumed_on_one_rank_is_bitwise_identical(shards, ddp_run, tmp_path):
+    """Elastic resume: the 1-rank run keeps the global batch with grad_accum 2 and draws the same
+    windows each step; micro-batch shapes, the halving of the loss and the sum of two gradients are
+    the same sums DDP does, so with fp32, one thread per process and no dropout nothing differs."""
+    run = tmp_path / "run"
+    two_ranks = run_24(shards, run, torchrun=TWO_RANKS)
+    killed = subprocess.Popen(two_ranks, env=ENV, cwd=REPO, stderr=subprocess.DEVNULL)
+    sigkill_after(killed, step_dir(run, 8) / "trainer_state.json", "step-8 checkpoint")
+    killed_at = read_json(latest_checkpoint(run) / "trainer_state.json")
+    assert killed_at["world_size"] == 2 and killed_at["step"] in (8, 16)
+
+    subprocess.run(run_24(shards, run, "--resume"), env=ENV, cwd=REPO, check=True, capture_output=True)
+    manifest = read_manifest(run)
+    assert manifest["metrics"]["world_size"] == 1 and manifest["config"]["train"]["grad_accum"] == 2
+    assert_same_checkpoint(ddp_run, run)
+    la, lb = logged_losses(ddp_run), logged_losses(run)
+    assert sorted(lb) == list(range(1, 25))
+    assert [lb[s] for s in range(killed_at["step"] + 1, 25)] == [
+        la[s] for s in range(killed_at["step"] + 1, 25)
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_with_c10d_rendezvous_end_with_the_single_node_weights(shards, ddp_run, tmp_path):
+    """Two torchrun launchers (one rank each) meet on 127.0.0.1 as two nodes would, over gloo."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    launcher = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}"]
+    launcher += ["--rdzv-id=two-node-test"]
+    nodes = [
+        subprocess.Popen(
+            run_24(shards, tmp_path, torchrun=[*launcher, f"--node-rank={node}"]),
+            env=ENV,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    for node in nodes:
+        out, _ = node.communicate(timeout=300)
+        assert node.returncode == 0, out[-3000:]
+    metrics = read_manifest(tmp_path)["metrics"]
+    assert metrics["world_size"] == 2
+    assert metrics["rank_weight_checksums"] == read_manifest(ddp_run)["metrics"]["rank_weight_checksums"]
+    assert logged_losses(tmp_path) == logged_losses(ddp_run)
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_a_ddp_checkpoint_and_follows_the_ddp_run(shards, ddp_run, tmp_path):
+    """FSDP2 on 2 gloo ranks continues the DDP run's step-8 checkpoint. Its forward and backward are
+    DDP's maths, but the gradient norm is summed shard by shard, so clipping rounds differently:
+    measured over these 16 steps, losses within 5e-7 and tensors within ~5e-6 of DDP's."""
+    run = tmp_path / "run"
+    shutil.copytree(ddp_run, run)
+    for later in (16, 24):
+        shutil.rmtree(step_dir(run, later))
+    (run / "latest").write_text("checkpoints/step-000008\n")
+    proc = subprocess.run(
+        run_24(shards, run, "--resume", "--parallel", "fsdp", torchrun=TWO_RANKS),
+        env=ENV,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_manifest(run)["config"]["train"]["parallel"] == "fsdp"
+    # Gathered into the usual files: same names, shapes and optimizer layout as DDP's, so it loads at
+    # any world size (the elastic test resumes that format on 1 rank) and in the single-process tools.
+    assert_same_checkpoint(ddp_run, run, atol=1e-4)
+    opt_meta = [read_json(latest_checkpoint(r) / "trainer_state.json")["optimizer"] for r in (ddp_run, run)]
+    assert opt_meta[0] == opt_meta[1]
+    load_model(latest_checkpoint(run))
+    load_model(run / "best")
+    for key in ("loss", "grad_norm"):
+        ddp, fsdp = logged_losses(ddp_run, key), logged_losses(run, key)
+        assert sorted(fsdp) == list(range(1, 25))
+        np.testing.assert_allclose([fsdp[s] for s in range(9, 25)], [ddp[s] for s in range(9, 25)], rtol=1e-5)
+    assert logged_losses(ddp_run)[24] < logged_losses(ddp_run)[9]  # a curve worth following
 
 
 def golden_run(shards: Path, out: Path) -> list[float]:
