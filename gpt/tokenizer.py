@@ -97,7 +97,7 @@ class Tokenizer:
         self.hash = sha256_bytes(data)
         self.vocab_size = sp.get_piece_size()
 
-    # Pickling (datasets.map with num_proc) ships the model bytes, not the C++ object.
+    # Pickling (to worker processes) ships the model bytes, not the C++ object.
     def __getstate__(self) -> dict:
         return {"bytes": self._bytes, "path": str(self.path)}
 
@@ -114,6 +114,19 @@ class Tokenizer:
         if not texts:
             return []
         return self._sp.encode(list(texts), add_bos=add_bos, add_eos=add_eos)
+
+    def encode_arrays(self, texts: list[str], add_eos: bool = False) -> list[np.ndarray]:
+        """Ids of each text as an int32 array, on this thread only: sharding parallelises over
+        processes, and sentencepiece's own threads would oversubscribe the cores they run on."""
+        if not texts:
+            return []
+        try:
+            return self._sp.encode(list(texts), add_eos=add_eos, num_threads=1, return_type="numpy")
+        except (TypeError, ValueError):  # sentencepiece before return_type="numpy"
+            return [
+                np.asarray(ids, dtype=np.int32)
+                for ids in self._sp.encode(list(texts), add_eos=add_eos, num_threads=1)
+            ]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
