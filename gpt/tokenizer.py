@@ -40,6 +40,7 @@ class TokenizerConfig(ConfigBase):
     character_coverage: float = 1.0  # fraction of characters covered by pieces; the rest fall back to bytes
     max_sentence_length: int = 16384  # longest training line in bytes; longer lines are cut into pieces
     input_sentence_size: int = 2_000_000  # lines sampled for training (0 = all of them)
+    sample_bytes: int = 100_000_000  # documents (seeded sample) read from a corpus to train on (0 = all)
     split_digits: bool = False  # split numbers into single digits
     seed: int = 0  # seed for sentencepiece's sampling of training lines
     num_threads: int = 0  # training threads (0 = all cores)
@@ -56,7 +57,7 @@ class TokenizerConfig(ConfigBase):
             raise ValueError(
                 f"TokenizerConfig.character_coverage={self.character_coverage} must be in (0, 1]"
             )
-        _whole(self, "input_sentence_size", "num_threads", "seed")
+        _whole(self, "input_sentence_size", "sample_bytes", "num_threads", "seed")
 
 
 class Tokenizer:
