@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import mlflow
 from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from flows.caching import is_complete, pin_corpus
@@ -65,12 +66,20 @@ def shared_api() -> Iterator[None]:
         yield
 
 
-@task(name="shard-partition", task_run_name="shard-partition-{part.index}", retries=1, retry_delay_seconds=1)
+# No Prefect result cache: resume is the partition's own done-marker in the work directory.
+@task(
+    name="shard-partition",
+    task_run_name="shard-partition-{part.index}",
+    retries=1,
+    retry_delay_seconds=1,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def shard_partition_task(part: Partition, tokenizer: str, work_dir: str, config: dict) -> dict:
     return shard_partition(part, tokenizer, work_dir, ShardConfig.from_dict(config))
 
 
-@task(name="shard-manifest")
+@task(name="shard-manifest", cache_policy=NO_CACHE, persist_result=False)
 def shard_manifest_task(plan: ShardPlan, summaries: list[dict], out_dir: str) -> dict:
     return finish_shards(plan, summaries, out_dir)
 
