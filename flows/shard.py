@@ -17,12 +17,13 @@ from typing import Annotated, Any
 import mlflow
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.caching import is_complete, pin_corpus
 from flows.common import quiet_defaults, run_stage, stage_task
 from flows.tracking import configure, flat_params, numeric, stage_run
-from gpt.corpora import Partition
+from gpt.corpora import Partition, plan_partitions
 from gpt.data import ShardConfig
 from gpt.io import MANIFEST, read_manifest
 from gpt.sharding import ShardPlan, finish_shards, plan_shards, shard_partition
@@ -100,7 +101,12 @@ def shard_on_runner(
     corpus: str, tokenizer: str, out_dir: str | Path, config: ShardConfig, dask_address: str | None = None
 ) -> dict[str, Any]:
     """``shard_partitions`` on a process pool (``config.num_proc``) or the Dask cluster at ``dask_address``."""
-    runner = task_runner(dask_address, config.num_proc)
+    if dask_address:
+        runner = task_runner(dask_address)
+    else:  # no more processes than partitions; one partition runs here, with no pool to start
+        n = len(plan_partitions(corpus, int(config.partition_mb * 1e6)))
+        workers = min(config.workers, n)
+        runner = task_runner(workers=workers) if workers > 1 else ThreadPoolTaskRunner(max_workers=1)
     with shared_api():
         return shard_partitions.with_options(task_runner=runner)(
             corpus=corpus, tokenizer=str(tokenizer), out_dir=str(out_dir), config=config.to_dict()

@@ -55,7 +55,7 @@ class ShardConfig(ConfigBase):
     val_fraction: float = 0.05  # fraction of documents in the val split (by content hash)
     test_fraction: float = 0.05  # fraction of documents held out as test (not sharded)
     split_salt: str = ""  # salt for the content hash that assigns splits (change to re-draw them)
-    partition_mb: float = 16.0  # input MB per partition (the unit of parallel work and of resume)
+    partition_mb: float = 8.0  # input MB per partition (the unit of parallel work and of resume)
     num_proc: int = 0  # worker processes, each tokenizing one partition at a time (0 = one per core)
     batch_size: int = 1000  # documents per encode batch
 
