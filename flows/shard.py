@@ -85,7 +85,6 @@ def shard_manifest_task(plan: ShardPlan, summaries: list[dict], out_dir: str) ->
     return finish_shards(plan, summaries, out_dir)
 
 
-@flow(name="shard-partitions", log_prints=True)
 def shard_partitions(corpus: str, tokenizer: str, out_dir: str, config: dict) -> dict:
     """Tokenize every partition of ``corpus`` (one task each, on this flow's task runner), then
     write the manifest. Partitions finished by an earlier, interrupted run are kept."""
@@ -108,9 +107,9 @@ def shard_on_runner(
         workers = min(config.workers, n)
         runner = task_runner(workers=workers) if workers > 1 else ThreadPoolTaskRunner(max_workers=1)
     with shared_api():
-        return shard_partitions.with_options(task_runner=runner)(
-            corpus=corpus, tokenizer=str(tokenizer), out_dir=str(out_dir), config=config.to_dict()
-        )
+        # A subflow of the calling stage, made here: it is not a deployment of its own.
+        subflow = flow(name="shard-partitions", log_prints=True, task_runner=runner)(shard_partitions)
+        return subflow(corpus=corpus, tokenizer=str(tokenizer), out_dir=str(out_dir), config=config.to_dict())
 
 
 @stage_task("shard", retries=1)
