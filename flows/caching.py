@@ -236,9 +236,10 @@ def fingerprint(stage: str, module: str | None = None, **inputs: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-# Task parameters that say where, under which run, or with what description to work, not what to
-# compute. ``lineage`` describes a warm start's parent (registry version); its weights are an input.
-NOT_INPUTS = ("workdir", "out_dir", "parent_run_id", "lineage")
+# Task parameters that say where, under which run, on which workers, or with what description to
+# work, not what to compute. ``lineage`` describes a warm start's parent (registry version); its
+# weights are an input. ``dask_address`` names the cluster a stage runs on: same result anywhere.
+NOT_INPUTS = ("workdir", "out_dir", "parent_run_id", "lineage", "dask_address")
 
 
 def stage_inputs(parameters: dict[str, Any]) -> dict[str, Any]:

@@ -69,6 +69,7 @@ def pipeline(
     init_from: str = SCRATCH,
     fresh_tokenizer: bool = False,
     min_improvement: Annotated[float, Field(ge=0)] = DEFAULT_MIN_IMPROVEMENT,
+    dask_address: str | None = None,
     workdir: str = "artifacts",
     mlruns: str = "mlruns",
 ) -> dict[str, Any]:
@@ -77,6 +78,7 @@ def pipeline(
     ``init_from``: ``scratch``, a model directory, or ``models:/NAME@ALIAS`` (a warm start keeps the
     parent's tokenizer unless ``fresh_tokenizer``). A new version becomes ``champion`` only if it
     beats the champion by ``min_improvement`` on the same held-out data, scored in this run.
+    ``dask_address`` (``tcp://HOST:PORT``) runs the shard stage's partition tasks on that Dask cluster.
     """
     quiet_defaults()
     configure(mlruns)
@@ -129,7 +131,14 @@ def pipeline(
             config=tok_cfg.to_dict(),
             inherit=str(parent.model_dir / TOKENIZER_FILE) if parent else None,
         )
-        shards = stage("shard", shard_task, corpus=corpus, tokenizer=tok["model"], config=shard_cfg.to_dict())
+        shards = stage(
+            "shard",
+            shard_task,
+            corpus=corpus,
+            tokenizer=tok["model"],
+            config=shard_cfg.to_dict(),
+            dask_address=dask_address,
+        )
         pre = stage(
             "pretrain",
             pretrain_task,

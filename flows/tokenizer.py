@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Annotated, Literal
@@ -14,8 +15,8 @@ from flows.caching import is_complete, pin_corpus
 from flows.common import quiet_defaults, run_stage, stage_task
 from flows.tracking import configure, flat_params, numeric, stage_run
 from gpt.bundle import TOKENIZER_FILE
-from gpt.corpora import load_corpus
 from gpt.io import atomic_dir, read_manifest, write_manifest
+from gpt.sharding import training_sample
 from gpt.tokenizer import MODEL_TYPES, Tokenizer, TokenizerConfig
 
 
@@ -39,7 +40,7 @@ def tokenizer_task(
                 tok = Tokenizer(tmp / TOKENIZER_FILE)
                 write_manifest(tmp, stage="tokenizer", inherited_from=inherit, sha256=tok.hash)
         elif not is_complete(out):
-            texts = (doc.text for doc in load_corpus(corpus).documents("train"))
+            texts = training_sample(corpus, cfg.sample_bytes, cfg.seed, "train", workers=os.cpu_count() or 1)
             Tokenizer.train(texts, out, cfg, source=corpus)
         manifest = read_manifest(out)
         mlflow.log_metrics(numeric(manifest.get("metrics", manifest.get("stats", {}))))

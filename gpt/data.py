@@ -1,257 +1,31 @@
-"""Token shards on disk: writing them from a corpus, and reading them back for training and evaluation.
+"""Token shards on disk, read back for training and evaluation (``gpt.sharding`` writes them).
 
 A shard directory holds ``{split}_{NNNNNN}.bin`` files of raw little-endian token ids (uint16 when the
 vocabulary fits, else uint32), a copy of ``tokenizer.model``, and ``manifest.json`` written last with
-the dtype, the tokenizer hash, every shard's token count and sha256, and per-split sizes. Documents are
-separated by EOS. The test split is held out: counted in the manifest, never tokenized into shards.
+the dtype, the tokenizer hash, every shard's token count and sha256, per-split sizes and the corpus
+partitions the shards came from. Documents are separated by EOS. The test split is held out: counted
+in the manifest, never tokenized into shards.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gpt.bundle import EOS_ID, TOKENIZER_FILE
-from gpt.config import ConfigBase, _in_range, _positive
-from gpt.io import MANIFEST, atomic_dir, atomic_path, read_manifest, sha256_file, write_manifest
-from gpt.tokenizer import Tokenizer
+from gpt.io import MANIFEST, read_manifest, sha256_file
+
+# The writing side, re-exported: callers import the shard config and entry point from here.
+from gpt.sharding import FORMAT, SPLITS, ShardConfig, shard_corpus, token_dtype
 
 if TYPE_CHECKING:
     import torch
 
-    from gpt.corpora import Corpus
+__all__ = ["FORMAT", "SPLITS", "ShardConfig", "ShardDataset", "TrainLoader", "shard_corpus", "token_dtype"]
 
-log = logging.getLogger(__name__)
-
-FORMAT = "gptflow-shards-v1"
-SPLITS = ("train", "val", "test")
 IGNORE_INDEX = -100  # label value the loss ignores (padding in the last val window)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-# --------------------------------------------------------------------------------------------------
-# Writing shards
-
-
-@dataclass
-class ShardConfig(ConfigBase):
-    """How a corpus is split, tokenized and cut into shards."""
-
-    shard_tokens: int = 2**24  # tokens per shard file (the last shard of a split may be shorter)
-    val_fraction: float = 0.05  # fraction of documents in the val split (by content hash)
-    test_fraction: float = 0.05  # fraction of documents held out as test (not sharded)
-    split_salt: str = ""  # salt for the content hash that assigns splits (change to re-draw them)
-    num_proc: int = 1  # worker processes for datasets.map (> 1 pays off above a few MB of text)
-    batch_size: int = 1000  # documents per datasets.map batch
-
-    def __post_init__(self) -> None:
-        _positive(self, "shard_tokens", "num_proc", "batch_size")
-        for name in ("shard_tokens", "num_proc", "batch_size"):
-            if not isinstance(getattr(self, name), int):
-                raise ValueError(f"ShardConfig.{name}={getattr(self, name)!r} must be an integer")
-        _in_range(self, "val_fraction", 0.0, 1.0)
-        _in_range(self, "test_fraction", 0.0, 1.0)
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError(
-                f"ShardConfig: val_fraction + test_fraction = {self.val_fraction + self.test_fraction} "
-                "must be < 1 so that some documents are left for training"
-            )
-
-
-class _ShardWriter:
-    """Appends tokens of one split to fixed-size shard files, each written atomically when full."""
-
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype: np.dtype):
-        self.out_dir, self.split, self.shard_tokens, self.dtype = out_dir, split, shard_tokens, dtype
-        self.shards: list[dict[str, Any]] = []
-        self._buf = np.empty(shard_tokens, dtype=dtype)
-        self._fill = 0
-
-    def write(self, ids: np.ndarray) -> None:
-        while len(ids):
-            n = min(len(ids), self.shard_tokens - self._fill)
-            self._buf[self._fill : self._fill + n] = ids[:n]
-            self._fill += n
-            ids = ids[n:]
-            if self._fill == self.shard_tokens:
-                self._flush()
-
-    def _flush(self) -> None:
-        if self._fill == 0:
-            return
-        name = f"{self.split}_{len(self.shards):06d}.bin"
-        data = self._buf[: self._fill].astype(self.dtype.newbyteorder("<"), copy=False)
-        with atomic_path(self.out_dir / name) as tmp:
-            data.tofile(tmp)
-        self.shards.append(
-            {
-                "file": name,
-                "n_tokens": int(self._fill),
-                "bytes": int(data.nbytes),
-                "sha256": sha256_file(self.out_dir / name),
-            }
-        )
-        self._fill = 0
-
-    def close(self) -> list[dict[str, Any]]:
-        self._flush()
-        return self.shards
-
-
-def _tokenize_batch(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
-    """datasets.map function: EOS-terminated ids for train/val documents; test ones are only measured."""
-    keep = [i for i, s in enumerate(batch["split"]) if s != "test"]
-    encoded = tokenizer.encode_batch([batch["text"][i] for i in keep], add_eos=True)
-    ids: list[list[int]] = [[] for _ in batch["split"]]
-    for i, e in zip(keep, encoded, strict=True):
-        ids[i] = e
-    return {
-        "input_ids": ids,
-        "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]],
-    }
-
-
-def shard_corpus(
-    corpus: Corpus | str, tokenizer_path: str | Path, out_dir: str | Path, config: ShardConfig
-) -> dict[str, Any]:
-    """Split, tokenize and shard ``corpus`` into ``out_dir``; return the manifest (written last)."""
-    from gpt.corpora import load_corpus
-
-    if isinstance(corpus, str | Path):
-        corpus = load_corpus(str(corpus))
-    tokenizer = Tokenizer(tokenizer_path)
-    # Everything is written into a temp sibling that replaces out_dir only when complete: a failed
-    # run (bad corpus, crash) leaves the previous shards and manifest exactly as they were.
-    with atomic_dir(out_dir) as tmp:
-        manifest = _shard_into(corpus, tokenizer, tmp, config)
-    return manifest
-
-
-def _shard_into(corpus: Corpus, tokenizer: Tokenizer, out_dir: Path, config: ShardConfig) -> dict[str, Any]:
-    import datasets
-
-    from gpt.corpora import split_of
-
-    dtype = token_dtype(tokenizer.vocab_size)
-    t0 = time.perf_counter()
-
-    n_read = [0]
-
-    def documents() -> Iterator[dict[str, str]]:
-        for doc in corpus:
-            n_read[0] += 1
-            yield {
-                "text": doc.text,
-                "split": split_of(doc.text, config.val_fraction, config.test_fraction, config.split_salt),
-            }
-
-    features = datasets.Features({"text": datasets.Value("string"), "split": datasets.Value("string")})
-    writers = {s: _ShardWriter(out_dir, s, config.shard_tokens, dtype) for s in ("train", "val")}
-    sizes = {s: {"n_docs": 0, "n_tokens": 0, "n_bytes": 0} for s in SPLITS}
-    # The corpus streams through arrow files in a scratch dir (memory stays bounded); removed afterwards.
-    scratch = Path(tempfile.mkdtemp(prefix=".shard-cache-", dir=out_dir))
-    progress = datasets.is_progress_bar_enabled()
-    try:
-        datasets.disable_progress_bars()
-        try:
-            ds = datasets.Dataset.from_generator(
-                documents,
-                features=features,
-                cache_dir=str(scratch),
-                writer_batch_size=config.batch_size,
-                # A fresh fingerprint per run: the corpus object is not what datasets can hash reliably.
-                fingerprint=f"docs-{os.getpid()}-{time.time_ns()}",
-            )
-        except datasets.exceptions.DatasetGenerationError as e:
-            # Surface the corpus's own error (bad file, missing column) rather than datasets' wrapper.
-            if e.__cause__ is not None:
-                raise e.__cause__ from None
-            raise
-        except ValueError:
-            if n_read[0]:
-                raise
-            ds = None  # datasets refuses to build an empty dataset
-        if ds is None or len(ds) == 0:
-            raise ValueError(
-                f"corpus {corpus.name!r} has no documents; check the --corpus name or path "
-                "(empty files and blank lines are skipped)"
-            )
-        if progress:
-            datasets.enable_progress_bars()
-        ds = ds.map(
-            _tokenize_batch,
-            fn_kwargs={"tokenizer": tokenizer},
-            batched=True,
-            batch_size=config.batch_size,
-            num_proc=config.num_proc if config.num_proc > 1 else None,
-            remove_columns=["text"],
-            new_fingerprint=f"tok-{tokenizer.hash[:16]}-{time.time_ns()}",
-            desc="tokenizing",
-        )
-        for batch in ds.iter(batch_size=config.batch_size):
-            for split, ids, n_bytes in zip(batch["split"], batch["input_ids"], batch["n_bytes"], strict=True):
-                size = sizes[split]
-                size["n_docs"] += 1
-                size["n_bytes"] += n_bytes
-                if split != "test":
-                    size["n_tokens"] += len(ids)
-                    writers[split].write(np.asarray(ids, dtype=dtype))
-        shards = {s: w.close() for s, w in writers.items()}
-        del ds
-    finally:
-        if progress:
-            datasets.enable_progress_bars()
-        shutil.rmtree(scratch, ignore_errors=True)
-    if sizes["train"]["n_tokens"] == 0:
-        raise ValueError(
-            f"no training tokens: all {sizes['val']['n_docs'] + sizes['test']['n_docs']} documents fell in "
-            "val/test; use a larger corpus or lower --val-fraction/--test-fraction"
-        )
-    shutil.copyfile(tokenizer.path, out_dir / TOKENIZER_FILE)
-    seconds = time.perf_counter() - t0
-    total_bytes = sum(s["n_bytes"] for s in sizes.values())
-    splits = {s: {**sizes[s], "shards": shards.get(s, [])} for s in SPLITS}
-    splits["test"]["n_tokens"] = None  # held out: not tokenized here
-    manifest = dict(
-        stage="shard",
-        format=FORMAT,
-        dtype=dtype.name,
-        eos_id=EOS_ID,
-        tokenizer={"file": TOKENIZER_FILE, "sha256": tokenizer.hash, "vocab_size": tokenizer.vocab_size},
-        source=corpus.name,
-        corpus_stats=dict(corpus.stats),
-        config=config.to_dict(),
-        splits=splits,
-        metrics={
-            "seconds": round(seconds, 3),
-            "mb_per_s": round(total_bytes / 1e6 / max(seconds, 1e-9), 3),
-            "n_bytes": total_bytes,
-        },
-    )
-    write_manifest(out_dir, **manifest)
-    log.info(
-        "sharded %s: train %d docs / %d tokens, val %d docs / %d tokens, test %d docs held out (%.1fs)",
-        corpus.name,
-        sizes["train"]["n_docs"],
-        sizes["train"]["n_tokens"],
-        sizes["val"]["n_docs"],
-        sizes["val"]["n_tokens"],
-        sizes["test"]["n_docs"],
-        seconds,
-    )
-    return manifest
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class TokenizerConfig(ConfigBase):
     character_coverage: float = 1.0  # fraction of characters covered by pieces; the rest fall back to bytes
     max_sentence_length: int = 16384  # longest training line in bytes; longer lines are cut into pieces
     input_sentence_size: int = 2_000_000  # lines sampled for training (0 = all of them)
+    sample_bytes: int = 100_000_000  # documents (seeded sample) read from a corpus to train on (0 = all)
     split_digits: bool = False  # split numbers into single digits
     seed: int = 0  # seed for sentencepiece's sampling of training lines
     num_threads: int = 0  # training threads (0 = all cores)
@@ -56,7 +57,7 @@ class TokenizerConfig(ConfigBase):
             raise ValueError(
                 f"TokenizerConfig.character_coverage={self.character_coverage} must be in (0, 1]"
             )
-        _whole(self, "input_sentence_size", "num_threads", "seed")
+        _whole(self, "input_sentence_size", "sample_bytes", "num_threads", "seed")
 
 
 class Tokenizer:
@@ -97,7 +98,7 @@ class Tokenizer:
         self.hash = sha256_bytes(data)
         self.vocab_size = sp.get_piece_size()
 
-    # Pickling (datasets.map with num_proc) ships the model bytes, not the C++ object.
+    # Pickling (to worker processes) ships the model bytes, not the C++ object.
     def __getstate__(self) -> dict:
         return {"bytes": self._bytes, "path": str(self.path)}
 
@@ -114,6 +115,19 @@ class Tokenizer:
         if not texts:
             return []
         return self._sp.encode(list(texts), add_bos=add_bos, add_eos=add_eos)
+
+    def encode_arrays(self, texts: list[str], add_eos: bool = False) -> list[np.ndarray]:
+        """Ids of each text as an int32 array, on this thread only: sharding parallelises over
+        processes, and sentencepiece's own threads would oversubscribe the cores they run on."""
+        if not texts:
+            return []
+        try:
+            return self._sp.encode(list(texts), add_eos=add_eos, num_threads=1, return_type="numpy")
+        except (TypeError, ValueError):  # sentencepiece before return_type="numpy"
+            return [
+                np.asarray(ids, dtype=np.int32)
+                for ids in self._sp.encode(list(texts), add_eos=add_eos, num_threads=1)
+            ]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])

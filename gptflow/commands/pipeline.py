@@ -51,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="how much a new version must beat the champion by, on the same held-out data, to be "
         "promoted (metric units: bits per byte for the LM, accuracy for classifiers; default 0.001)",
     )
+    p.add_argument(
+        "--dask-address",
+        default=None,
+        help="run the shard stage's partition tasks on this Dask scheduler (tcp://HOST:PORT); "
+        "default: a local process pool, one worker per core",
+    )
     p.add_argument("--workdir", default="artifacts", help="where stage outputs go (default: ./artifacts)")
     p.add_argument(
         "--mlruns", default="mlruns", help="local MLflow store (ignored if MLFLOW_TRACKING_URI is set)"
@@ -76,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         init_from=args.init_from,
         fresh_tokenizer=args.fresh_tokenizer,
         **({"min_improvement": args.min_improvement} if args.min_improvement is not None else {}),
+        dask_address=args.dask_address,
         workdir=args.workdir,
         mlruns=args.mlruns,
     )

@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("artifacts/shards"), help="output directory")
     parser.add_argument("--config", type=Path, help="YAML file with ShardConfig fields (flags override it)")
+    parser.add_argument(
+        "--dask-address",
+        default=None,
+        help="run the partitions as Prefect tasks on this Dask scheduler (tcp://HOST:PORT); "
+        "default: a local process pool of --num-proc workers (0 = one per core)",
+    )
     add_config_args(parser, _config_cls())
 
 
@@ -39,7 +45,15 @@ def run(args: argparse.Namespace) -> int:
 
     cls = _config_cls()
     config = cls.from_dict(merged_fields(args, cls))
-    manifest = shard_corpus(args.corpus, args.tokenizer, args.out, config)
+    if args.dask_address:
+        from flows.common import quiet_defaults
+
+        quiet_defaults()  # before prefect is imported
+        from flows.shard import shard_on_runner
+
+        manifest = shard_on_runner(args.corpus, args.tokenizer, args.out, config, args.dask_address)
+    else:
+        manifest = shard_corpus(args.corpus, args.tokenizer, args.out, config)
     summary = {
         split: {k: v for k, v in info.items() if k != "shards"} for split, info in manifest["splits"].items()
     }

@@ -37,13 +37,15 @@ def _config_cls():
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt.corpora import load_corpus
+    import os
+
+    from gpt.sharding import training_sample
     from gpt.tokenizer import Tokenizer
 
     cls = _config_cls()
     config = cls.from_dict(merged_fields(args, cls))
-    corpus = load_corpus(args.corpus)
-    docs = corpus.documents(None if args.split == "all" else "train")
-    tok = Tokenizer.train((d.text for d in docs), args.out, config, source=args.corpus)
+    split = None if args.split == "all" else "train"
+    texts = training_sample(args.corpus, config.sample_bytes, config.seed, split, workers=os.cpu_count() or 1)
+    tok = Tokenizer.train(texts, args.out, config, source=args.corpus)
     print(json.dumps({"out": str(args.out), "vocab_size": tok.vocab_size, "sha256": tok.hash}))
     return 0
