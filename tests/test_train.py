@@ -113,16 +113,14 @@ def run_24(shards: Path, out: Path, *flags: str, torchrun: list[str] | None = No
 def ddp_run(shards, tmp_path_factory) -> Path:
     """The uninterrupted single-node 2-rank DDP run the elastic, two-node and FSDP runs are held to."""
     out = tmp_path_factory.mktemp("ddp")
-    proc = subprocess.run(
-        run_24(shards, out, torchrun=TWO_RANKS),
-        env=ENV,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ok(run_24(shards, out, torchrun=TWO_RANKS))
     return out
+
+
+def run_ok(cmd: list[str]) -> None:
+    """Run a training command line to the end; its stderr's tail is the failure message."""
+    proc = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,8 +290,7 @@ def test_ddp_ranks_end_with_identical_weights_and_the_loss_decreases(shards, tmp
         "--checkpoint-interval",
         "12",
     ]
-    proc = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ok(cmd)
     metrics = read_manifest(tmp_path)["metrics"]
     assert metrics["world_size"] == 2
     sums = metrics["rank_weight_checksums"]
@@ -381,15 +378,7 @@ def test_fsdp_resumes_a_ddp_checkpoint_and_follows_the_ddp_run(shards, ddp_run, 
     for later in (16, 24):
         shutil.rmtree(step_dir(run, later))
     (run / "latest").write_text("checkpoints/step-000008\n")
-    proc = subprocess.run(
-        run_24(shards, run, "--resume", "--parallel", "fsdp", torchrun=TWO_RANKS),
-        env=ENV,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ok(run_24(shards, run, "--resume", "--parallel", "fsdp", torchrun=TWO_RANKS))
     assert read_manifest(run)["config"]["train"]["parallel"] == "fsdp"
     # Gathered into the usual files: same names, shapes and optimizer layout as DDP's, so it loads at
     # any world size (the elastic test resumes that format on 1 rank) and in the single-process tools.
