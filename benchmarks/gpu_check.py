@@ -132,9 +132,10 @@ def test_outcomes(junit: Path | None) -> dict:
         return {}
     out = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
-        bad = case.find("failure") or case.find("error")
+        # An Element without children is falsy: test each with "is not None", never with "or".
+        failed = case.find("failure") is not None or case.find("error") is not None
         skip = case.find("skipped")
-        if bad is not None:
+        if failed:
             out[case.get("name")] = "failed"
         elif skip is not None:
             out[case.get("name")] = f"skipped: {skip.get('message', '')}"

@@ -67,6 +67,8 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
 
 def _ban_repeats(logits: torch.Tensor, outputs: list[list[int]], n: int) -> torch.Tensor:
     """``logits`` (B, V) with -inf where row b's next token would repeat an n-gram of ``outputs[b]``."""
+    if n <= 0:
+        return logits
     banned = [(b, t) for b, out in enumerate(outputs) for t in repeated_ngram_bans(out, n)]
     if not banned:
         return logits

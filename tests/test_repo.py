@@ -63,3 +63,24 @@ def test_generate_and_serve_commands_parse_without_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_check_reports_failed_and_errored_cuda_tests_as_failed(tmp_path):
+    # gpu_check.sh's verdict comes from pytest's JUnit XML; a failure element has no children, so
+    # a truthiness test would read it as a pass and a broken GPU run would print all_passed.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<testsuites><testsuite><testcase name="ok"/>'
+        '<testcase name="bad"><failure message="assert">boom</failure></testcase>'
+        '<testcase name="broken"><error message="fixture"/></testcase>'
+        '<testcase name="gpu"><skipped message="needs a CUDA GPU"/></testcase></testsuite></testsuites>'
+    )
+    assert gpu_check.test_outcomes(junit) == {
+        "ok": "passed",
+        "bad": "failed",
+        "broken": "failed",
+        "gpu": "skipped: needs a CUDA GPU",
+    }
