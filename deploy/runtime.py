@@ -299,9 +299,11 @@ class OnnxLM(_Bundle):
         self.n_pieces = self.tokenizer.get_piece_size()
         inputs, self.output_names = lm_io_names(self.n_layer)
         self.past_names = inputs[3:]
-        # On CUDA the cache stays on the device between steps (IOBinding); on CPU plain run() is as fast.
+        # The lean step (IOBinding, on CPU as on CUDA): the cache stays in onnxruntime's own buffers
+        # between steps (on the GPU there), never copied into fresh numpy arrays, and the logits are
+        # written straight into a numpy array. False: plain session.run, for comparison.
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
-        self.use_io_binding = self.device == "cuda"
+        self.use_io_binding = True
 
     # One forward pass -----------------------------------------------------------------------
 
@@ -312,7 +314,7 @@ class OnnxLM(_Bundle):
     def _forward(
         self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list
     ) -> tuple[np.ndarray, list]:
-        """Logits (B, T, V) and the new cache (numpy arrays, or OrtValues with IOBinding)."""
+        """Logits (B, T, V) and the new cache (OrtValues; numpy arrays with plain run)."""
         if not self.use_io_binding:
             feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
             feed.update(zip(self.past_names, past, strict=True))
@@ -327,12 +329,12 @@ class OnnxLM(_Bundle):
                 binding.bind_cpu_input(name, value)
             else:
                 binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        logits = np.empty((*ids.shape, self.vocab_size), dtype=np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         for name in self.output_names[1:]:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
-        out = binding.get_outputs()
-        return out[0].numpy(), list(out[1:])
+        return logits, list(binding.get_outputs()[1:])
 
     def logits(self, prompt_ids: list[list[int]]) -> np.ndarray:
         """Logits (B, T, V) of a prefill of equal-length prompts (no cache): for checks and scoring."""

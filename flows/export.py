@@ -18,7 +18,7 @@ from flows.tracking import LM_MODEL_NAME, configure, flat_params, log_dir, numer
 from gpt.bundle import BUNDLE_DIR
 from gpt.checkpoint import read_model_meta, resolve_model_dir
 from gpt.corpora import load_corpus
-from gpt.export import ExportConfig, export_bundle
+from gpt.export import ExportConfig, Quantize, export_bundle
 from gpt.io import read_manifest, write_manifest
 from gpt.tasks import get_task
 
@@ -45,9 +45,10 @@ def export_task(
         result = read_manifest(out)["result"]
         mlflow.log_metrics(numeric(result.get("parity", {}), "parity."))
         mlflow.log_metric("onnx_size_bytes", float(result.get("size_bytes", 0)))
-        mlflow.log_metrics(numeric(result.get("quality_cost_int8", {}), "int8."))
-        if result.get("bundle_int8"):  # the fp32 bundle goes to MLflow inside its registered model
-            log_dir(result["bundle_int8"], "onnx_bundle_int8")
+        for precision in cfg.precisions:  # the fp32 bundle goes to MLflow inside its registered model
+            mlflow.log_metrics(numeric(result.get(f"quality_cost_{precision}", {}), f"{precision}."))
+            if result.get(f"bundle_{precision}"):
+                log_dir(result[f"bundle_{precision}"], f"onnx_bundle_{precision}")
     return {
         "dir": str(out),
         "bundle": str(bundle),
@@ -68,7 +69,7 @@ def export_flow(
     eval_data: str,
     registered_name: str | None = None,
     min_improvement: Annotated[float, Field(ge=0)] = DEFAULT_MIN_IMPROVEMENT,
-    quantize: bool = False,
+    quantize: Quantize = "none",
     workdir: str = "artifacts",
     mlruns: str = "mlruns",
 ) -> dict:
@@ -82,7 +83,8 @@ def export_flow(
             documents, bits per byte), for a classifier its task (the test split, the task's metric).
         registered_name: registry name (default: gptflow-lm, or gptflow-TASK for a classifier of TASK).
         min_improvement: how much the new version must beat the champion by to be promoted.
-        quantize: also export an int8 bundle (for a language model, its bits-per-byte cost on eval_data).
+        quantize: also export weight-only quantized bundles: int8, int4 or int8,int4 (for a language
+            model, their bits-per-byte cost on eval_data; refused above ExportConfig.max_bpb_increase).
         workdir: output root; the bundle goes to WORKDIR/export/FINGERPRINT/bundle.
         mlruns: local MLflow store (ignored when MLFLOW_TRACKING_URI is set).
     """
@@ -91,14 +93,14 @@ def export_flow(
     model_dir = resolve_model_dir(checkpoint).resolve()
     kind = "classifier" if read_model_meta(model_dir)["model"].get("n_classes", 0) > 0 else "lm"
     name = registered_name or (LM_MODEL_NAME if kind == "lm" else f"gptflow-{get_task(eval_data).name}")
-    cfg = ExportConfig(quantize="int8" if quantize else "none")
+    cfg = ExportConfig(quantize=quantize)
     with mlflow.start_run(run_name=f"export-{name}") as run:
         out = run_stage(
             export_task,
             workdir,
             checkpoint=str(model_dir),
             config=cfg.to_dict(),
-            eval_corpus=eval_data if quantize and kind == "lm" else None,
+            eval_corpus=eval_data if quantize != "none" and kind == "lm" else None,
             parent_run_id=run.info.run_id,
         )
         make_eval_set = functools.partial(lm_eval_set if kind == "lm" else task_eval_set, eval_data)

@@ -43,7 +43,7 @@ from gpt.bundle import TOKENIZER_FILE
 from gpt.checkpoint import WEIGHTS
 from gpt.config import ModelConfig, Preset
 from gpt.data import ShardConfig
-from gpt.export import ExportConfig
+from gpt.export import ExportConfig, Quantize
 from gpt.finetune_config import FinetuneConfig
 from gpt.io import sha256_file
 from gpt.tasks import get_task
@@ -65,7 +65,7 @@ def pipeline(
     pretrain_steps: Annotated[int, Field(gt=0)] | None = None,
     pretrain_max_time: Annotated[float, Field(ge=0)] | None = None,
     finetune_epochs: Annotated[int, Field(gt=0)] | None = None,
-    quantize: bool = False,
+    quantize: Quantize = "none",
     init_from: str = SCRATCH,
     fresh_tokenizer: bool = False,
     min_improvement: Annotated[float, Field(ge=0)] = DEFAULT_MIN_IMPROVEMENT,
@@ -91,7 +91,7 @@ def pipeline(
     shard_cfg = ShardConfig()
     train_overrides = {"max_steps": pretrain_steps, "max_time": pretrain_max_time}
     train_cfg = TrainConfig.preset(preset, **{k: v for k, v in train_overrides.items() if v is not None})
-    export_cfg = ExportConfig(quantize="int8" if quantize else "none")
+    export_cfg = ExportConfig(quantize=quantize)
     task_objs = [get_task(t) for t in tasks]  # fail now, before hours of training, on an unknown task
     states: dict[str, str] = {}
     timings: dict[str, float] = {}
@@ -154,7 +154,7 @@ def pipeline(
             export_task,
             checkpoint=pre["best"],
             config=export_cfg.to_dict(),
-            eval_corpus=corpus if quantize else None,
+            eval_corpus=corpus if quantize != "none" else None,
         )
         lm_tags = {
             TAG_DATA: data_fp,

@@ -38,7 +38,7 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_IDS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
 
 KINDS = ("lm", "classifier")
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int4")
 
 # ONNX I/O (optimum's names, so other tools can run the decoder graph). The %d is the layer.
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
@@ -171,8 +171,8 @@ class BundleConfig:
     add_bos: bool = False  # the runtime prepends BOS to prompts (an empty prompt always starts from BOS)
     labels: list[str] | None = None  # classifier: one name per class, in logit order
     classifier_input: ClassifierInput | None = None  # classifier: how a text becomes windows
-    precision: str = "fp32"  # fp32 | int8
-    quantization: dict[str, Any] | None = None  # int8: how (method, weight type)
+    precision: str = "fp32"  # fp32 | int8 | int4
+    quantization: dict[str, Any] | None = None  # int8/int4: how (method, bits, block size, accuracy level)
     name: str | None = None  # the served model name (default: the bundle directory's name)
     generation: dict[str, Any] | None = None  # LM: decoding defaults (GENERATION_KEYS) of its task
     # Reports from the export
@@ -185,7 +185,7 @@ class BundleConfig:
     quality_cost: dict[str, Any] | None = None
     size_bytes: int | None = None
     param_bytes: int | None = None
-    fp32_bundle: str | None = None  # int8: the fp32 bundle it was quantized from
+    fp32_bundle: str | None = None  # int8/int4: the fp32 bundle it was quantized from
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
     format: str = FORMAT
     format_version: int = FORMAT_VERSION

@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -49,7 +49,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QUANTIZE = ("none", "int8")
+Quantize = Literal["none", "int8", "int4", "int8,int4"]
+QUANTIZE = get_args(Quantize)
+BITS = {"int8": 8, "int4": 4}
 EXTERNAL_DATA_BYTES = 1_900_000_000  # protobuf's 2 GB limit, with room for the graph itself
 
 
@@ -58,7 +60,11 @@ class ExportConfig(ConfigBase):
     """How to export a checkpoint to an ONNX bundle."""
 
     opset: int = 18  # ONNX opset; >= 18 (the dynamo exporter's opset 17 emits an invalid Split)
-    quantize: str = "none"  # none | int8: also write a dynamically quantized sibling bundle <out>-int8
+    quantize: str = "none"  # none | int8 | int4 | int8,int4: also write <out>-int8 / <out>-int4 (weight-only)
+    quant_block_size: int = 32  # weights per scale along the input dim (a power of two >= 16)
+    # 124M shape, int4, batch 1: accuracy level 4 ran 80.5 tok/s, level 0 39.3 (see quantize_weights).
+    quant_accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations per row and block, 0 = fp32
+    max_bpb_increase: float = 0.03  # refuse a quantized LM whose eval bits per byte rise more (relative)
     parity_atol: float = 1e-4  # largest |logits(onnxruntime) - logits(PyTorch)| a bundle may have
     parity_decode_steps: int = 50  # cached decode steps compared after the padded-batch prefill
     greedy_tokens: int = 100  # greedy tokens that must equal gpt.generate's (capped by the context)
@@ -72,7 +78,16 @@ class ExportConfig(ConfigBase):
                 "(opset 17 with the dynamo exporter produces an invalid Split)"
             )
         _one_of(self, "quantize", QUANTIZE)
-        _positive(self, "parity_atol")
+        _positive(self, "parity_atol", "max_bpb_increase")
+        b = self.quant_block_size
+        if not isinstance(b, int) or b < 16 or b & (b - 1):
+            raise ValueError(f"ExportConfig.quant_block_size={b!r} must be a power of two >= 16")
+        _one_of(self, "quant_accuracy_level", (0, 1, 2, 3, 4))
+
+    @property
+    def precisions(self) -> list[str]:
+        """The quantized siblings to write, in order."""
+        return [] if self.quantize == "none" else self.quantize.split(",")
         _whole(self, "parity_decode_steps", "greedy_tokens", "seed")
 
 
@@ -314,7 +329,7 @@ def classifier_parity(model: GPT, onnx_path: Path, seed: int = 0) -> dict[str, A
 
 
 def _fold_weight_transposes(src: Path, dst: Path) -> None:
-    """Replace Transpose(initializer) by a transposed initializer, so that quantize_dynamic sees the
+    """Replace Transpose(initializer) by a transposed initializer, so that the quantizers see the
     tied LM head as a MatMul weight. (The fp32 graph keeps the Transpose: its weight is stored once.)"""
     import onnx
     from onnx import numpy_helper
@@ -331,7 +346,52 @@ def _fold_weight_transposes(src: Path, dst: Path) -> None:
     onnx.save(m, str(dst))
 
 
+def quantize_weights(
+    src: Path, dst: Path, bits: int, block_size: int = 32, accuracy_level: int = 4
+) -> dict[str, Any]:
+    """Weight-only, block-wise round-to-nearest quantization (onnxruntime's ``MatMulNBitsQuantizer``):
+    every MatMul weight becomes a ``MatMulNBits`` of ``bits`` bits with one fp32 scale per
+    ``block_size`` inputs (symmetric, no zero points); at 4 bits the embedding Gather is quantized
+    too (``GatherBlockQuantized``; the quantizer does not do 8-bit Gathers). Activations stay fp32 in
+    the graph; ``accuracy_level`` 4 lets the kernel quantize each row's activations per block to int8,
+    which depends on that row only: a row decodes the same alone or in a batch, unlike
+    ``quantize_dynamic``'s one scale per tensor. Returns what the bundle records as ``quantization``."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    ops = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
+    pre = dst.with_name("pre_quant.onnx")
+    _fold_weight_transposes(src, pre)
+    settings = dict(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=bits)
+    algo = DefaultWeightOnlyQuantConfig(**settings, op_types_to_quantize=ops)
+    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level, quiet.level = quiet.level, logging.WARNING  # it logs every node at INFO
+    try:
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(pre)), **settings, op_types_to_quantize=ops, algo_config=algo
+        )
+        with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks (it handles them)
+            quantizer.process()
+        external = pre.stat().st_size > EXTERNAL_DATA_BYTES
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=external)
+    finally:
+        quiet.level = level
+        pre.unlink(missing_ok=True)
+    return {
+        "method": "onnxruntime.MatMulNBitsQuantizer (RTN, symmetric)",
+        "bits": bits,
+        "block_size": block_size,
+        "accuracy_level": accuracy_level,
+        "op_types": list(ops),
+    }
+
+
 def quantize_int8(src: Path, dst: Path) -> None:
+    """``quantize_dynamic`` int8 (one activation scale per tensor): what optimum and most tools
+    ship; our int8 bundles use ``quantize_weights(bits=8)`` instead. Kept for comparisons."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     pre = dst.with_name("pre_quant.onnx")
@@ -344,32 +404,38 @@ def quantize_int8(src: Path, dst: Path) -> None:
         pre.unlink(missing_ok=True)
 
 
-def _quality_cost(fp32_dir: Path, int8_dir: Path, kind: str, eval_text: str | None, seed: int) -> dict:
-    """What int8 costs: bits per byte on ``eval_text`` (LM) or label agreement (classifier), plus
-    the logits gap on random prompts."""
+def _quality_cost(
+    fp32_dir: Path, q_dir: Path, precision: str, kind: str, eval_text: str | None, seed: int
+) -> dict:
+    """What quantization costs: for an LM bits per byte on ``eval_text`` and the share of its tokens
+    whose top-1 prediction stays the same; for a classifier label agreement; for both the logits
+    gap on random prompts."""
     from deploy.runtime import load_bundle
 
     fp32 = load_bundle(fp32_dir, providers=["CPUExecutionProvider"])
-    int8 = load_bundle(int8_dir, providers=["CPUExecutionProvider"])
+    quant = load_bundle(q_dir, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     n = max(2, min(32, fp32.max_context))
     ids = rng.integers(4, fp32.config.vocab_size, size=(4, n)).tolist()
-    a, b = fp32.logits(ids), int8.logits(ids)
+    a, b = fp32.logits(ids), quant.logits(ids)
     cost: dict[str, Any] = {
         "max_abs_logit_diff": float(np.abs(a - b).max()),
-        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+        "top1_agreement_random": float((a.argmax(-1) == b.argmax(-1)).mean()),
     }
+    if kind == "lm":
+        cost["greedy_agreement"] = _greedy_agreement(fp32, quant, eval_text)
     if eval_text and kind == "lm":
-        bpb32, bpb8 = fp32.bits_per_byte(eval_text), int8.bits_per_byte(eval_text)
+        bpb32, bpbq = fp32.bits_per_byte(eval_text), quant.bits_per_byte(eval_text)
         cost.update(
             eval_bytes=len(eval_text.encode("utf-8")),
             bits_per_byte_fp32=bpb32,
-            bits_per_byte_int8=bpb8,
-            bits_per_byte_rel_increase=(bpb8 - bpb32) / bpb32,
+            **{f"bits_per_byte_{precision}": bpbq},
+            bits_per_byte_rel_increase=(bpbq - bpb32) / bpb32,
+            top1_agreement=_top1_agreement(fp32, quant, eval_text),
         )
     elif eval_text and kind == "classifier":
         texts = [t for t in eval_text.splitlines() if t.strip()]
-        pa, pb = fp32.classify(texts), int8.classify(texts)
+        pa, pb = fp32.classify(texts), quant.classify(texts)
         cost.update(
             eval_texts=len(texts),
             label_agreement=float(np.mean([x["label"] == y["label"] for x, y in zip(pa, pb, strict=True)])),
@@ -384,6 +450,36 @@ def _quality_cost(fp32_dir: Path, int8_dir: Path, kind: str, eval_text: str | No
     else:
         cost["note"] = "no eval text given: pass eval_text (--eval-text FILE) to measure bits per byte"
     return cost
+
+
+def _greedy_agreement(fp32, quant, text: str | None, n: int = 32) -> float:
+    """How far the quantized model's greedy continuation follows fp32's: the shared prefix of
+    ``n`` greedy tokens after each of 4 prompts (from ``text``, else the start token), over 4 * n."""
+    from deploy.runtime import GenerationConfig
+
+    n = max(1, min(n, fp32.max_context // 2))
+    ids = fp32.encode(text) if text else []
+    room = fp32.max_context - n - 1
+    prompts = [ids[i * room : i * room + min(room, 16)] or [fp32.start_id] for i in range(4)]
+    cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True)
+    shared = 0
+    for x, y in zip(fp32.generate_ids(prompts, cfg), quant.generate_ids(prompts, cfg), strict=True):
+        shared += next((i for i, (u, v) in enumerate(zip(x, y, strict=True)) if u != v), n)
+    return shared / (4 * n)
+
+
+def _top1_agreement(fp32, quant, text: str, max_windows: int = 8) -> float:
+    """Share of the text's positions (up to ``max_windows`` context windows) where both models'
+    most likely next token is the same."""
+    ids = fp32.encode(text)
+    w = fp32.max_context
+    windows = [ids[s : s + w] for s in range(0, len(ids), w)][:max_windows]
+    same = total = 0
+    for win in windows:
+        a, b = fp32.logits([win])[0], quant.logits([win])[0]
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(win)
+    return same / total if total else float("nan")
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,7 +547,8 @@ def export_bundle(
     eval_text: str | None = None,
     tokenizer: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Export ``checkpoint_dir`` to a verified bundle at ``out_dir`` (and ``<out_dir>-int8`` if asked).
+    """Export ``checkpoint_dir`` to a verified bundle at ``out_dir`` (and ``<out_dir>-int8`` /
+    ``<out_dir>-int4`` if asked).
 
     Returns ``{"bundle", "bundle_int8"?, "kind", "parity", "size_bytes", "param_bytes", ...}``.
     Raises ``ValueError`` (and writes nothing) when the graph fails ``onnx.checker`` or parity.
@@ -552,36 +649,55 @@ def export_bundle(
         param_bytes / 1e6,
         parity["max_abs_diff"],
     )
-    if config.quantize == "int8":
-        result.update(_export_int8(out_dir, kind, eval_text, config.seed))
+    for precision in config.precisions:
+        result.update(_export_quantized(out_dir, precision, config, kind, eval_text))
     return result
 
 
-def _export_int8(fp32_dir: Path, kind: str, eval_text: str | None, seed: int) -> dict[str, Any]:
-    out = fp32_dir.with_name(f"{fp32_dir.name}-int8")
+def _export_quantized(
+    fp32_dir: Path, precision: str, config: ExportConfig, kind: str, eval_text: str | None
+) -> dict[str, Any]:
+    """Write ``<fp32_dir>-<precision>`` from the verified fp32 bundle; refuse it (writing nothing)
+    when its bits per byte on ``eval_text`` rise more than ``config.max_bpb_increase``."""
+    out = fp32_dir.with_name(f"{fp32_dir.name}-{precision}")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         import onnx
 
-        quantize_int8(fp32_dir / ONNX_FILE, tmp / ONNX_FILE)
+        how = quantize_weights(
+            fp32_dir / ONNX_FILE,
+            tmp / ONNX_FILE,
+            BITS[precision],
+            config.quant_block_size,
+            config.quant_accuracy_level,
+        )
         onnx.checker.check_model(str(tmp / ONNX_FILE))
         shutil.copyfile(fp32_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         if (fp32_dir / GENAI_CONFIG_FILE).is_file():  # same inputs and outputs
             shutil.copyfile(fp32_dir / GENAI_CONFIG_FILE, tmp / GENAI_CONFIG_FILE)
         cfg = BundleConfig.read(fp32_dir)
-        cfg.precision = "int8"
-        cfg.quantization = {"method": "onnxruntime.quantize_dynamic", "weight_type": "QInt8"}
-        cfg.parity = None  # int8 is not expected to match PyTorch to 1e-4; its cost is below
+        cfg.precision, cfg.quantization = precision, how
+        graph = onnx.load(str(tmp / ONNX_FILE), load_external_data=False)
+        cfg.opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))  # int4: 21
+        cfg.parity = None  # not expected to match PyTorch to 1e-4; its cost is measured below
         cfg.write(tmp)
-        cost = _quality_cost(fp32_dir, tmp, kind, eval_text, seed)
+        cost = _quality_cost(fp32_dir, tmp, precision, kind, eval_text, config.seed)
+        rise = cost.get("bits_per_byte_rel_increase")
+        if rise is not None and rise > config.max_bpb_increase:
+            raise ValueError(
+                f"{precision} raises bits per byte on the eval text by {100 * rise:.2f} % "
+                f"(fp32 {cost['bits_per_byte_fp32']:.4f}, {precision} {cost[f'bits_per_byte_{precision}']:.4f}), "
+                f"more than max_bpb_increase={config.max_bpb_increase}; no {out.name} was written "
+                "(a smaller --quant-block-size costs less; a larger --max-bpb-increase accepts it)"
+            )
         size = (tmp / ONNX_FILE).stat().st_size
         cfg.quality_cost, cfg.size_bytes, cfg.fp32_bundle = cost, size, fp32_dir.name
         cfg.write(tmp)
         write_manifest(
             tmp,
-            stage="export-int8",
+            stage=f"export-{precision}",
             inputs={"fp32_bundle": str(fp32_dir), "onnx_sha256": sha256_file(fp32_dir / ONNX_FILE)},
             files={n: {"sha256": sha256_file(tmp / n)} for n in (ONNX_FILE, TOKENIZER_FILE, CONFIG_FILE)},
             metrics={**{k: v for k, v in cost.items() if isinstance(v, int | float)}, "size_bytes": size},
@@ -589,8 +705,12 @@ def _export_int8(fp32_dir: Path, kind: str, eval_text: str | None, seed: int) ->
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("int8 bundle %s (%.1f MB), quality cost %s", out, size / 1e6, cost)
-    return {"bundle_int8": str(out), "quality_cost_int8": cost, "size_bytes_int8": size}
+    log.info("%s bundle %s (%.1f MB), quality cost %s", precision, out, size / 1e6, cost)
+    return {
+        f"bundle_{precision}": str(out),
+        f"quality_cost_{precision}": cost,
+        f"size_bytes_{precision}": size,
+    }
 
 
 def _versions() -> dict[str, str]:

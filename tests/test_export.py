@@ -44,7 +44,7 @@ def make_checkpoint(path, tok: Tokenizer, seed: int = 0, meta=None, **model_kw) 
 
 @pytest.fixture(scope="module", params=["learned", "sinusoidal", "rope"])
 def exported(request, tok, tmp_path_factory):
-    """One export per position encoding; the learned one also writes the int8 sibling."""
+    """One export per position encoding; the learned one also writes the int8 sibling (untrained)."""
     root = tmp_path_factory.mktemp(f"export-{request.param}")
     model, ckpt = make_checkpoint(root / "ckpt", tok, pos_encoding=request.param)
     quantize = "int8" if request.param == "learned" else "none"
@@ -101,18 +101,62 @@ def test_tied_embedding_is_stored_once(exported):
     assert init_bytes < result["param_bytes"] + buffer_bytes + wte_bytes // 2
 
 
-def test_int8_bundle_runs_and_records_its_quality_cost(exported):
-    pos_encoding, _, result = exported
-    if pos_encoding != "learned":
-        pytest.skip("int8 is exported once, with the learned-position model")
-    cfg = read_json(f"{result['bundle_int8']}/config.json")
+@pytest.fixture(scope="module")
+def trained(tok, tmp_path_factory):
+    """A tiny LM trained for a few seconds on TEXT (a random one would hide what quantization
+    costs), exported with int8 and int4 siblings scored on TEXT."""
+    root = tmp_path_factory.mktemp("quantized")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, pos_encoding="rope"))
+    ids = torch.tensor([tok.eos_id, *tok.encode(TEXT)])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    T = model.config.block_size
+    for _ in range(40):  # a few seconds; more memorises TEXT (bits per byte near 0, any cost huge)
+        starts = torch.randint(0, len(ids) - T - 1, (8,))
+        x = torch.stack([ids[s : s + T] for s in starts])
+        y = torch.stack([ids[s + 1 : s + T + 1] for s in starts])
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_model(root / "ckpt", model.eval(), tokenizer_hash=tok.hash)
+    shutil.copyfile(tok.path, root / "ckpt" / "tokenizer.model")
+    cfg = ExportConfig(quantize="int8,int4", greedy_tokens=16, parity_decode_steps=8)
+    return root, export_bundle(root / "ckpt", root / "bundle", cfg, eval_text=TEXT[:3000])
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_bundles_record_their_precision_and_stay_within_the_cost_limit(trained, precision):
+    _, result = trained
+    cfg = read_json(f"{result[f'bundle_{precision}']}/config.json")
     cost = cfg["quality_cost"]
-    assert cfg["precision"] == "int8"
-    assert cost["bits_per_byte_fp32"] > 0 and cost["bits_per_byte_int8"] > 0
-    assert abs(cost["bits_per_byte_rel_increase"]) < 0.05
-    assert result["size_bytes_int8"] < result["size_bytes"]
-    g = load_bundle(result["bundle_int8"]).generate("The", max_new_tokens=8, ignore_eos=True)[0]
+    assert cfg["precision"] == precision and cfg["fp32_bundle"] == "bundle"
+    assert cfg["quantization"]["bits"] == int(precision[-1]) and cfg["quantization"]["block_size"] == 32
+    ops = {n.op_type for n in onnx.load(f"{result[f'bundle_{precision}']}/model.onnx").graph.node}
+    assert "MatMulNBits" in ops and ("GatherBlockQuantized" in ops) == (precision == "int4")
+    assert cost["bits_per_byte_fp32"] < 4.0, "the fixture did not learn; the cost would prove little"
+    assert 0 <= cost["bits_per_byte_rel_increase"] <= ExportConfig().max_bpb_increase
+    assert cost["top1_agreement"] >= 0.9 and 0 < cost["greedy_agreement"] <= 1
+    assert result[f"size_bytes_{precision}"] < result["size_bytes"]
+    g = load_bundle(result[f"bundle_{precision}"]).generate("The", max_new_tokens=8, ignore_eos=True)[0]
     assert g.completion_tokens == 8
+
+
+def test_int4_is_smaller_than_int8(trained):
+    _, result = trained
+    assert result["size_bytes_int4"] < result["size_bytes_int8"]
+
+
+def test_a_quantized_bundle_that_costs_too_much_is_refused_and_nothing_is_lost(trained):
+    root, result = trained
+    before = sorted(p.name for p in (root / "bundle").iterdir())
+    int4 = root / "bundle-int4"
+    stamp = (int4 / "model.onnx").stat().st_mtime_ns
+    cfg = ExportConfig(quantize="int4", max_bpb_increase=1e-9, greedy_tokens=4, parity_decode_steps=2)
+    with pytest.raises(ValueError, match="max_bpb_increase"):
+        export_bundle(root / "ckpt", root / "bundle", cfg, eval_text=TEXT[:3000])
+    assert sorted(p.name for p in (root / "bundle").iterdir()) == before
+    assert (int4 / "model.onnx").stat().st_mtime_ns == stamp  # the previous int4 bundle is intact
 
 
 CLASSIFIER_INPUT = {"prompt_template": "Topic of: {input}\n", "max_len": 16, "windows": 3}
@@ -179,7 +223,9 @@ def test_export_config_rejects_opset_17_and_unknown_quantization():
     with pytest.raises(ValueError, match="opset"):
         ExportConfig(opset=17)
     with pytest.raises(ValueError, match="quantize"):
-        ExportConfig(quantize="int4")
+        ExportConfig(quantize="int3")
+    with pytest.raises(ValueError, match="quant_block_size"):
+        ExportConfig(quantize="int4", quant_block_size=48)
 
 
 def test_cli_generates_and_classifies_from_bundles(exported, classifier, capsys):

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from gpt.config import PRESETS
+from gpt.export import QUANTIZE
 
 HELP = "run tokenizer → shard → pretrain → finetune/evaluate per task → ONNX export, tracked in MLflow"
 
@@ -32,7 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--finetune-epochs", type=int, default=None, help="override every task's finetuning epochs"
     )
-    p.add_argument("--quantize", action="store_true", help="also export int8 bundles (quality cost measured)")
+    p.add_argument(
+        "--quantize",
+        nargs="?",
+        const="int8",
+        default="none",
+        choices=QUANTIZE,
+        help="also export quantized bundles: int8 (the default with no value), int4 or int8,int4 "
+        "(quality cost measured on the corpus's held-out text)",
+    )
     p.add_argument(
         "--init-from",
         default="scratch",
