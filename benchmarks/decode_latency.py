@@ -1,38 +1,57 @@
-"""Decode speed: our onnxruntime loop (deploy/runtime.py) vs PyTorch, greedy, random weights. Prints JSON.
+"""Decode speed beside the peers, measured in one run, with the machine's bandwidth bound. Prints JSON.
 
-    python benchmarks/decode_latency.py                 # cpu preset + 124M, batch 1/8, prompt 32/256, all engines
-    python benchmarks/decode_latency.py --quick         # 1.3M shape batch 1 and 8, 124M shape batch 1
-    python benchmarks/decode_latency.py --quick --shapes 1.3m --new-tokens 8 --repeats 1   # a smoke test
+    PYTHONPATH=. /work/bench-venv/bin/python benchmarks/decode_latency.py           # 124M shape, batch 1 and 8
+    python benchmarks/decode_latency.py --shapes 1.3m --batches 1 --new-tokens 8 --repeats 1   # a smoke test
 
-Engines: torch_cache (gpt.generate.generate_batch: GPT.decode with the KV cache), torch_nocache (full
-recompute per token, as nanoGPT samples; on the 124M shape only at batch 1, where one run already takes
-minutes), ort_fp32 and ort_int8 (our runtime over the exported bundle). Timing covers
-prefill + all steps; tok/s = batch * new tokens / seconds. Run on an idle machine: a second busy process
-slows 2-thread runs 20-40x.
+Engines (greedy, random weights, equal-length prompts, exactly N new tokens per row):
+  ours_fp32 / ours_int8 / ours_int4   our torch-free runtime (deploy/runtime.py) over the bundles
+                                      `gptflow export --quantize int8,int4` writes (MatMulNBits)
+  genai_fp32 / genai_int8 / genai_int4 onnxruntime-genai's C++ loop over the same three graphs
+  ours_fp32_sdpa / genai_fp32_sdpa    the fp32 graph as exported before masked attention was written
+                                      out (SDPA's decomposition): the gain in the graph, for both loops
+  optimum_fp32 / optimum_int8         a random HF GPT-2 of the same shape exported and quantized by
+                                      optimum-onnx, run by ORTModelForCausalLM.generate
+  transformers_fp32                   the same GPT-2 in PyTorch, generate with the KV cache
+Peers need the bench extra (in a venv of its own: pip install -e '.[bench]'); a missing one is a
+recorded skip with its reason. Engines are timed in interleaved rounds (best of --repeats each), so a
+slow spell of this VM hits all of them. tok/s = batch * new tokens / seconds, prefill included.
+
+The bound: decoding one token at batch 1 reads every matrix weight once, so tok/s cannot beat
+read bandwidth / weight bytes per token. Bandwidth is measured on the spot (2-thread fp32 GEMV over
+>= 1 GB); weight bytes are counted from each graph's MatMul initializers (scales included).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import contextlib
 import json
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import gpt.kernels  # noqa: E402
+from benchmarks.decode_peers import (  # noqa: E402
+    Engine,
+    genai_engine,
+    optimum_engine,
+    read_bandwidth,
+    transformers_engine,
+)
 from deploy.runtime import GenerationConfig, load_bundle  # noqa: E402
-from gpt.bundle import ONNX_FILE, TOKENIZER_FILE, BundleConfig  # noqa: E402
+from gpt.bundle import GENAI_CONFIG_FILE, ONNX_FILE, TOKENIZER_FILE, BundleConfig, genai_config  # noqa: E402
 from gpt.config import ModelConfig  # noqa: E402
-from gpt.export import export_onnx, quantize_int8  # noqa: E402
-from gpt.generate import generate_batch  # noqa: E402
-from gpt.io import sha256_file  # noqa: E402
+from gpt.export import BITS, ExportConfig, export_onnx, quantize_weights  # noqa: E402
+from gpt.io import atomic_write_json, sha256_file  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 
@@ -41,140 +60,183 @@ SHAPES = {
     "cpu": ModelConfig.PRESETS["cpu"] | {"block_size": 512},
     "124m": ModelConfig.PRESETS["gpt2-124m"],
 }
+MATMUL_OPS = {"MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul"}
 
 
-def make_bundle(model: GPT, tokenizer: Path, out: Path, int8: bool) -> tuple[Path, Path | None]:
-    """A bundle without the parity check (that is the tests' job): graph, tokenizer, config."""
-    fp32 = out / "fp32"
-    fp32.mkdir(parents=True)
-    export_onnx(model, fp32 / ONNX_FILE)
-    shutil.copyfile(tokenizer, fp32 / TOKENIZER_FILE)
-    BundleConfig(kind="lm", model=model.config.to_dict(), tokenizer_hash=sha256_file(tokenizer)).write(fp32)
-    if not int8:
-        return fp32, None
-    q = out / "int8"
-    shutil.copytree(fp32, q)
-    (q / ONNX_FILE).unlink()
-    quantize_int8(fp32 / ONNX_FILE, q / ONNX_FILE)
-    return fp32, q
+@contextlib.contextmanager
+def sdpa_attention():
+    """Export as before masked attention was written out: torch's SDPA, which the exporter decomposes
+    into a scaled, transposed copy of the key cache every step."""
+    written_out = gpt.kernels.masked_attention
+
+    def sdpa(q, k, v, mask, dropout_p):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+    gpt.kernels.masked_attention = sdpa
+    try:
+        yield
+    finally:
+        gpt.kernels.masked_attention = written_out
 
 
-@torch.no_grad()
-def torch_decode(model: GPT, prompts: torch.Tensor, n: int, cache: bool) -> None:
-    if cache:
-        generate_batch(model, prompts.tolist(), max_new_tokens=n)
-        return
-    idx = prompts
-    for _ in range(n):
-        logits = model(idx[:, -model.config.block_size :])
-        x = logits[:, -1].argmax(-1, keepdim=True)
-        idx = torch.cat([idx, x], dim=1)
+def make_bundle(model: GPT, tokenizer: Path, out: Path) -> Path:
+    """An fp32 bundle without the parity check (that is the tests' job): graph, tokenizer, configs."""
+    out.mkdir(parents=True)
+    export_onnx(model, out / ONNX_FILE)
+    shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
+    config = BundleConfig(kind="lm", model=model.config.to_dict(), tokenizer_hash=sha256_file(tokenizer))
+    config.write(out)
+    atomic_write_json(out / GENAI_CONFIG_FILE, genai_config(config))
+    return out
 
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
+def make_quantized(fp32: Path, precision: str, cfg: ExportConfig) -> Path:
+    """The sibling `gptflow export --quantize` writes (same quantizer and settings; no quality gate)."""
+    out = fp32.with_name(f"{fp32.name}-{precision}")
+    shutil.copytree(fp32, out)
+    how = quantize_weights(
+        fp32 / ONNX_FILE,
+        out / ONNX_FILE,
+        BITS[precision],
+        cfg.block_size(precision),
+        cfg.quant_accuracy_level,
+    )
+    config = BundleConfig.read(out)
+    config.precision, config.quantization = precision, how
+    config.write(out)
+    return out
+
+
+def weight_bytes(onnx_path: Path) -> int:
+    """Bytes of the initializers that MatMul-like nodes read (through a Transpose too): what one
+    batch-1 decode step must bring from memory. Embedding Gathers read one row and are left out."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path)).graph
+    sizes = {t.name: len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in sizes}
+    read = {alias.get(x, x) for n in graph.node if n.op_type in MATMUL_OPS for x in n.input[1:]}
+    return sum(sizes[x] for x in read if x in sizes)
+
+
+def ours(bundle: Path, name: str) -> Engine:
+    lm = load_bundle(bundle)
+
+    def decode(prompts: np.ndarray, n: int) -> np.ndarray:
+        cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True)
+        return np.array(lm.generate_ids(prompts.tolist(), cfg))
+
+    return Engine(name, decode, {"file_bytes": (bundle / ONNX_FILE).stat().st_size})
+
+
+def build_engines(shape: str, tmp: Path, only: set[str] | None) -> tuple[dict[str, Engine], dict, dict]:
+    """Every engine for ``shape`` (or those in ``only``); returns (engines, skips, weight bytes per token)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SHAPES[shape])
+    model = GPT(cfg).eval()
+    text = "The quick brown fox jumps over the lazy dog; markets rose as investors cheered.\n" * 50
+    tok = Tokenizer.train([text], tmp / "tok", TokenizerConfig(vocab_size=300))
+    fp32 = make_bundle(model, tok.path, tmp / "bundle")
+    bundles = {"fp32": fp32}
+    for precision in ("int8", "int4"):
+        bundles[precision] = make_quantized(fp32, precision, ExportConfig())
+    with sdpa_attention():
+        bundles["fp32_sdpa"] = make_bundle(model, tok.path, tmp / "bundle_sdpa")
+    factories: dict[str, Any] = {}
+    for key, path in bundles.items():
+        factories[f"ours_{key}"] = lambda path=path, key=key: ours(path, f"ours_{key}")
+        factories[f"genai_{key}"] = lambda path=path: genai_engine(path)
+    peers = tmp / "optimum"
+    factories["optimum_fp32"] = lambda: optimum_engine(SHAPES[shape], peers, int8=False)
+    factories["optimum_int8"] = lambda: optimum_engine(SHAPES[shape], peers, int8=True)
+    factories["transformers_fp32"] = lambda: transformers_engine(SHAPES[shape])
+    engines, skips = {}, {}
+    for name, make in factories.items():
+        if only and name not in only:
+            continue
+        engine = make()
+        if isinstance(engine, str):
+            skips[name] = engine
+        else:
+            engine.name = name
+            engines[name] = engine
+    per_token = {}
+    for key, path in bundles.items():  # both loops run the same graph
+        per_token[f"ours_{key}"] = per_token[f"genai_{key}"] = weight_bytes(path / ONNX_FILE)
+    for name, sub in (("optimum_fp32", "optimum-fp32/model.onnx"), ("optimum_int8", "optimum-int8")):
+        files = [peers / sub] if sub.endswith(".onnx") else list((peers / sub).glob("*.onnx"))
+        if name in engines and files:
+            per_token[name] = weight_bytes(files[0])
+    return engines, skips, per_token
+
+
+def time_engines(engines: dict[str, Engine], prompts: np.ndarray, n: int, repeats: int) -> dict[str, float]:
+    """Best seconds per engine over ``repeats`` interleaved rounds, after one warm-up each."""
+    for engine in engines.values():
+        engine.generate(prompts, n)
+    best = dict.fromkeys(engines, float("inf"))
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for name, engine in engines.items():
+            t0 = time.perf_counter()
+            engine.generate(prompts, n)
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    """The comparisons the acceptance asks for, per shape and batch."""
+    speed = {(r["shape"], r["batch"], r["engine"]): r["tok_per_s"] for r in rows}
+    out = {}
+    pairs = [(f"ours_{p}", f"optimum_{p}") for p in ("fp32", "int8")] + [("ours_int4", "optimum_int8")]
+    pairs += [(f"ours_{p}", f"genai_{p}") for p in ("fp32", "int8", "int4", "fp32_sdpa")]
+    pairs += [("ours_int4", "ours_int8"), ("ours_int8", "ours_fp32"), ("ours_fp32", "transformers_fp32")]
+    pairs += [("genai_fp32", "genai_fp32_sdpa"), ("ours_fp32", "ours_fp32_sdpa")]
+    for shape, batch in sorted({(s, b) for s, b, _ in speed}):
+        for a, b in pairs:
+            if (shape, batch, a) in speed and (shape, batch, b) in speed:
+                out[f"{shape} b{batch} {a}/{b}"] = round(speed[shape, batch, a] / speed[shape, batch, b], 3)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a smaller matrix (1.3M and 124M shapes, prompt 32)")
-    p.add_argument("--shapes", default=None, help="comma list of " + ", ".join(SHAPES))
+    p.add_argument("--shapes", default="124m", help="comma list of " + ", ".join(SHAPES))
+    p.add_argument("--batches", default="1,8", help="comma list of batch sizes")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3, help="best of N timed runs after one warm-up")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds after one warm-up")
+    p.add_argument("--engines", default="", help="comma list to run only these (default: all)")
+    p.add_argument("--bandwidth-gb", type=float, default=1.0, help="GEMV matrix size for the bound")
     args = p.parse_args()
+    only = set(args.engines.split(",")) if args.engines else None
 
-    if not args.quick:
-        plan = {
-            s: [(b, pr) for b in (1, 8) for pr in (32, 256)] for s in (args.shapes or "cpu,124m").split(",")
-        }
-        engines = ("torch_cache", "torch_nocache", "ort_fp32", "ort_int8")
-    else:
-        default = {"1.3m": [(1, 32), (8, 32)], "124m": [(1, 32)]}
-        plan = {s: default.get(s, [(1, 32)]) for s in (args.shapes or "1.3m,124m").split(",")}
-        engines = ("torch_cache", "ort_fp32", "ort_int8")
-
-    torch.manual_seed(0)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        text = "The quick brown fox jumps over the lazy dog; markets rose as investors cheered.\n" * 50
-        tok = Tokenizer.train([text], tmp / "tok", TokenizerConfig(vocab_size=300))
-        for shape, cases in plan.items():
-            cfg = ModelConfig(**SHAPES[shape])
-            model = GPT(cfg).eval()
+    bandwidth = read_bandwidth(args.bandwidth_gb, threads=2)
+    rows: list[dict] = []
+    report: dict[str, Any] = {"benchmark": "decode_latency", "bandwidth": bandwidth, "skips": {}}
+    for shape in args.shapes.split(","):
+        with tempfile.TemporaryDirectory(prefix="decode-latency-") as tmp:
             t0 = time.perf_counter()
-            fp32, int8 = make_bundle(model, tok.path, tmp / shape, int8="ort_int8" in engines)
-            export_s = time.perf_counter() - t0
-            runtimes = {"ort_fp32": load_bundle(fp32)}
-            if int8:
-                runtimes["ort_int8"] = load_bundle(int8)
-            for batch, prompt_len in cases:
-                prompts = torch.randint(4, 300, (batch, prompt_len))
-                n = min(args.new_tokens, cfg.block_size - prompt_len)
-                gen_cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True)
-                for engine in engines:
-                    if engine == "torch_nocache" and shape == "124m" and batch > 1:
-                        continue  # minutes per run; the batch-1 figure already shows the cost of no cache
-                    if engine.startswith("ort"):
-                        fn = functools.partial(runtimes[engine].generate_ids, prompts.tolist(), gen_cfg)
-                    else:
-                        fn = functools.partial(torch_decode, model, prompts, n, engine == "torch_cache")
-                    fn()  # warm-up
-                    s = timed(fn, args.repeats)
-                    results.append(
-                        {
-                            "shape": shape,
-                            "params": model.num_parameters(),
-                            "engine": engine,
-                            "batch": batch,
-                            "prompt_tokens": prompt_len,
-                            "new_tokens": n,
-                            "tok_per_s": round(batch * n / s, 1),
-                            "ms_per_token": round(1000 * s / n, 3),
-                        }
-                    )
-                    print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-            results.append({"shape": shape, "export_seconds": round(export_s, 1)})
-    speedups = {}
-    for r in results:
-        if r.get("engine") == "ort_fp32":
-            key = (r["shape"], r["batch"], r["prompt_tokens"])
-            ref = next(
-                x
-                for x in results
-                if x.get("engine") == "torch_cache" and (x["shape"], x["batch"], x["prompt_tokens"]) == key
-            )
-            speedups[f"{key[0]} b{key[1]} p{key[2]} ort_fp32/torch_cache"] = round(
-                r["tok_per_s"] / ref["tok_per_s"], 2
-            )
-            q = next(
-                (
-                    x
-                    for x in results
-                    if x.get("engine") == "ort_int8" and (x["shape"], x["batch"], x["prompt_tokens"]) == key
-                ),
-                None,
-            )
-            if q:
-                speedups[f"{key[0]} b{key[1]} p{key[2]} ort_int8/ort_fp32"] = round(
-                    q["tok_per_s"] / r["tok_per_s"], 2
-                )
-    print(
-        json.dumps(
-            {
-                "benchmark": "decode_latency",
-                "threads": torch.get_num_threads(),
-                "results": results,
-                "speedups": speedups,
-            },
-            indent=2,
-        )
-    )
+            engines, skips, per_token = build_engines(shape, Path(tmp), only)
+            report["skips"] |= {f"{shape} {k}": v for k, v in skips.items()}
+            report[f"{shape} setup_seconds"] = round(time.perf_counter() - t0, 1)
+            report[f"{shape} engines"] = [e.describe() for e in engines.values()]
+            rng = np.random.default_rng(0)
+            for batch in map(int, args.batches.split(",")):
+                prompts = rng.integers(4, 300, (batch, args.prompt))
+                n = min(args.new_tokens, SHAPES[shape]["block_size"] - args.prompt)
+                for name, seconds in time_engines(engines, prompts, n, args.repeats).items():
+                    row = {"shape": shape, "batch": batch, "engine": name, "new_tokens": n}
+                    row["tok_per_s"] = round(batch * n / seconds, 1)
+                    row["ms_per_step"] = round(1000 * seconds / n, 2)
+                    if batch == 1 and name in per_token:
+                        bound = bandwidth["read_gb_per_s"] * 1e9 / per_token[name]
+                        row["weight_mb_per_token"] = round(per_token[name] / 1e6, 1)
+                        row["bound_tok_per_s"] = round(bound, 1)
+                        row["fraction_of_bound"] = round(row["tok_per_s"] / bound, 3)
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+    report |= {"threads": torch.get_num_threads(), "results": rows, "ratios": ratios(rows)}
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ def test_quantized_bundles_record_their_precision_and_stay_within_the_cost_limit
     cfg = read_json(f"{result[f'bundle_{precision}']}/config.json")
     cost = cfg["quality_cost"]
     assert cfg["precision"] == precision and cfg["fp32_bundle"] == "bundle"
-    assert cfg["quantization"]["bits"] == int(precision[-1]) and cfg["quantization"]["block_size"] == 32
+    assert cfg["quantization"]["bits"] == int(precision[-1])
+    assert cfg["quantization"]["block_size"] == {"int8": 128, "int4": 32}[precision]
     ops = {n.op_type for n in onnx.load(f"{result[f'bundle_{precision}']}/model.onnx").graph.node}
     assert "MatMulNBits" in ops and ("GatherBlockQuantized" in ops) == (precision == "int4")
     assert cost["bits_per_byte_fp32"] < 4.0, "the fixture did not learn; the cost would prove little"
