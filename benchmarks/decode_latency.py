@@ -7,8 +7,6 @@ Engines (greedy, random weights, equal-length prompts, exactly N new tokens per 
   ours_fp32 / ours_int8 / ours_int4   our torch-free runtime (deploy/runtime.py) over the bundles
                                       `gptflow export --quantize int8,int4` writes (MatMulNBits)
   genai_fp32 / genai_int8 / genai_int4 onnxruntime-genai's C++ loop over the same three graphs
-  ours_fp32_sdpa / genai_fp32_sdpa    the fp32 graph as exported before masked attention was written
-                                      out (SDPA's decomposition): the gain in the graph, for both loops
   optimum_fp32 / optimum_int8         a random HF GPT-2 of the same shape exported and quantized by
                                       optimum-onnx, run by ORTModelForCausalLM.generate
   transformers_fp32                   the same GPT-2 in PyTorch, generate with the KV cache
@@ -24,7 +22,6 @@ read bandwidth / weight bytes per token. Bandwidth is measured on the spot (2-th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shutil
 import sys
@@ -39,7 +36,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import gpt.kernels  # noqa: E402
 from benchmarks.decode_peers import (  # noqa: E402
     Engine,
     genai_engine,
@@ -61,22 +57,6 @@ SHAPES = {
     "124m": ModelConfig.PRESETS["gpt2-124m"],
 }
 MATMUL_OPS = {"MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul"}
-
-
-@contextlib.contextmanager
-def sdpa_attention():
-    """Export as before masked attention was written out: torch's SDPA, which the exporter decomposes
-    into a scaled, transposed copy of the key cache every step."""
-    written_out = gpt.kernels.masked_attention
-
-    def sdpa(q, k, v, mask, dropout_p):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-
-    gpt.kernels.masked_attention = sdpa
-    try:
-        yield
-    finally:
-        gpt.kernels.masked_attention = written_out
 
 
 def make_bundle(model: GPT, tokenizer: Path, out: Path) -> Path:
@@ -140,8 +120,6 @@ def build_engines(shape: str, tmp: Path, only: set[str] | None) -> tuple[dict[st
     bundles = {"fp32": fp32}
     for precision in ("int8", "int4"):
         bundles[precision] = make_quantized(fp32, precision, ExportConfig())
-    with sdpa_attention():
-        bundles["fp32_sdpa"] = make_bundle(model, tok.path, tmp / "bundle_sdpa")
     factories: dict[str, Any] = {}
     for key, path in bundles.items():
         factories[f"ours_{key}"] = lambda path=path, key=key: ours(path, f"ours_{key}")
@@ -188,9 +166,8 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     speed = {(r["shape"], r["batch"], r["engine"]): r["tok_per_s"] for r in rows}
     out = {}
     pairs = [(f"ours_{p}", f"optimum_{p}") for p in ("fp32", "int8")] + [("ours_int4", "optimum_int8")]
-    pairs += [(f"ours_{p}", f"genai_{p}") for p in ("fp32", "int8", "int4", "fp32_sdpa")]
+    pairs += [(f"ours_{p}", f"genai_{p}") for p in ("fp32", "int8", "int4")]
     pairs += [("ours_int4", "ours_int8"), ("ours_int8", "ours_fp32"), ("ours_fp32", "transformers_fp32")]
-    pairs += [("genai_fp32", "genai_fp32_sdpa"), ("ours_fp32", "ours_fp32_sdpa")]
     for shape, batch in sorted({(s, b) for s, b, _ in speed}):
         for a, b in pairs:
             if (shape, batch, a) in speed and (shape, batch, b) in speed:

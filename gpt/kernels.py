@@ -68,24 +68,8 @@ def attention(
         elif mask is None:  # the fused kernel builds the causal mask itself
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            y = masked_attention(q, k, v, mask, dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return y.to(dtype)
-
-
-def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float
-) -> torch.Tensor:
-    """softmax((q / sqrt(hs)) k^T, masked) v, written out for the cached decode and padded batches.
-
-    Exported, this is MatMul(q * scale, Transpose(k)), which onnxruntime fuses into one MatMul that
-    reads the key cache in place; SDPA's decomposition scales and transposes the whole cache every
-    step (two copies per layer) and guards fully masked rows with IsNaN/Where. Masked scores get
-    the dtype's most negative value rather than -inf, so a row with no visible key (a padding
-    query, never read) is finite.
-    """
-    att = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)  # (B, nh, T, S)
-    att = att.masked_fill(~mask, torch.finfo(att.dtype).min)
-    return F.dropout(att.softmax(dim=-1), dropout_p) @ v
 
 
 GELU_2K = 2.0 * math.sqrt(2.0 / math.pi)

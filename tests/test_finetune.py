@@ -206,7 +206,7 @@ def test_windows_let_the_classifier_see_past_the_first_window(tmp_path):
     first = [tok.decode(classification_windows(tok, task, r["text"], 16)[0]) for r in rows]
     assert not any(k in text.split() for text in first for k in keywords)
     cfg = FinetuneConfig(
-        epochs=4, lr=2e-3, dropout=0.0, precision="fp32", patience=0, seed=0, max_len=16, windows=4
+        epochs=8, lr=2e-3, dropout=0.0, precision="fp32", patience=0, seed=0, max_len=16, windows=4
     )
     result = finetune(str(task_file), ckpt, tmp_path / "ft", cfg)
     assert result["n_train_sequences"] > 2 * result["n_train"]
