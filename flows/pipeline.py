@@ -40,7 +40,7 @@ from flows.shard import shard_task
 from flows.tokenizer import tokenizer_task
 from flows.tracking import LM_MODEL_NAME, configure, flat_params, numeric
 from gpt.bundle import TOKENIZER_FILE
-from gpt.checkpoint import WEIGHTS
+from gpt.checkpoint import WEIGHTS, read_model_meta
 from gpt.config import ModelConfig, Preset
 from gpt.data import ShardConfig
 from gpt.export import ExportConfig, Quantize
@@ -115,6 +115,8 @@ def pipeline(
 
         parent = warm_start(init_from, fresh_tokenizer, data_fp, workdir)
         lineage = parent.lineage() if parent else {"init_from": SCRATCH}
+        if parent:
+            model_cfg = parent_architecture(parent.model_dir, model_cfg)
         results["parent"] = lineage
         mlflow.set_tag("gptflow.stage", "pipeline")
         mlflow.log_params(
@@ -225,6 +227,20 @@ def warm_start(init_from: str, fresh_tokenizer: bool, data_fp: str, workdir: str
         )
         return resolve_init(parent.parent_ref or SCRATCH, workdir)
     return parent
+
+
+def parent_architecture(model_dir: Path, preset_cfg: ModelConfig) -> ModelConfig:
+    """A warm start keeps its parent's architecture, whatever the preset says now: a champion trained
+    before a preset changed (say, to rotary positions) still retrains on schedule."""
+    saved = ModelConfig.from_dict(read_model_meta(model_dir)["model"])
+    changed = {k: (v, getattr(saved, k)) for k, v in preset_cfg.to_dict().items() if getattr(saved, k) != v}
+    if changed:
+        log.warning(
+            "warm start from %s: keeping its architecture (%s); start from scratch for the preset's",
+            model_dir,
+            ", ".join(f"{k} {b!r}, preset {a!r}" for k, (a, b) in sorted(changed.items())),
+        )
+    return saved
 
 
 def _summary_metrics(results: dict[str, Any]) -> dict[str, float]:

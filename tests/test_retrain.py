@@ -183,3 +183,23 @@ def test_appended_jsonl_retrains_and_a_foreign_corpus_is_compared_on_the_same_te
     assert tags["promotion.decision"] == decision["decision"]
     # English-only weights know nothing of these characters; the Chinese model wins on Chinese text.
     assert decision["candidate"] < decision["champion_before"] and decision["alias"] == "champion"
+
+
+def test_a_warm_start_keeps_its_parents_architecture_when_the_preset_changed(tmp_path, monkeypatch):
+    from flows import pipeline
+    from flows.pipeline import parent_architecture
+    from gpt.checkpoint import check_same_model, read_model_meta, save_model
+    from gpt.config import ModelConfig
+    from gpt.model import GPT
+
+    old = ModelConfig.preset("tiny", pos_encoding="learned")
+    save_model(tmp_path / "champion", GPT(old))
+    now = ModelConfig.preset("tiny", pos_encoding="rope", n_layer=3)  # the preset, changed since
+    with pytest.raises(ValueError, match="pos_encoding"):  # what pretraining would refuse
+        check_same_model(read_model_meta(tmp_path / "champion")["model"], now, tmp_path / "champion")
+    warnings: list[str] = []
+    monkeypatch.setattr(pipeline.log, "warning", lambda msg, *args: warnings.append(msg % args))
+    kept = parent_architecture(tmp_path / "champion", now)
+    assert kept == old
+    check_same_model(read_model_meta(tmp_path / "champion")["model"], kept, tmp_path / "champion")
+    assert "pos_encoding 'learned', preset 'rope'" in warnings[0] and "n_layer 2, preset 3" in warnings[0]
