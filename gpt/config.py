@@ -127,7 +127,8 @@ class ModelConfig(ConfigBase):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64),
-        "cpu": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=256),
+        # Rotary positions: 1.863 val bits per byte on BBC in 415 steps (312 s) vs learned's 1.988 in 450 (336 s).
+        "cpu": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=256, pos_encoding="rope"),
         "gpt2-124m": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
     }
 
