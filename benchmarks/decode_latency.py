@@ -7,6 +7,8 @@ Engines (greedy, random weights, equal-length prompts, exactly N new tokens per 
   ours_fp32 / ours_int8 / ours_int4   our torch-free runtime (deploy/runtime.py) over the bundles
                                       `gptflow export --quantize int8,int4` writes (MatMulNBits)
   genai_fp32 / genai_int8 / genai_int4 onnxruntime-genai's C++ loop over the same three graphs
+  *_fp32_unfused / *_int8_unfused     both loops over the graph `--no-fused-attention` writes (the
+                                      exporter's own attention nodes): what the fused graph gains
   optimum_fp32 / optimum_int8         a random HF GPT-2 of the same shape exported and quantized by
                                       optimum-onnx, run by ORTModelForCausalLM.generate
   transformers_fp32                   the same GPT-2 in PyTorch, generate with the KV cache
@@ -59,10 +61,10 @@ SHAPES = {
 MATMUL_OPS = {"MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul"}
 
 
-def make_bundle(model: GPT, tokenizer: Path, out: Path) -> Path:
+def make_bundle(model: GPT, tokenizer: Path, out: Path, fused_attention: bool = True) -> Path:
     """An fp32 bundle without the parity check (that is the tests' job): graph, tokenizer, configs."""
     out.mkdir(parents=True)
-    export_onnx(model, out / ONNX_FILE)
+    export_onnx(model, out / ONNX_FILE, fused_attention=fused_attention)
     shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
     config = BundleConfig(kind="lm", model=model.config.to_dict(), tokenizer_hash=sha256_file(tokenizer))
     config.write(out)
@@ -117,9 +119,11 @@ def build_engines(shape: str, tmp: Path, only: set[str] | None) -> tuple[dict[st
     text = "The quick brown fox jumps over the lazy dog; markets rose as investors cheered.\n" * 50
     tok = Tokenizer.train([text], tmp / "tok", TokenizerConfig(vocab_size=300))
     fp32 = make_bundle(model, tok.path, tmp / "bundle")
-    bundles = {"fp32": fp32}
+    unfused = make_bundle(model, tok.path, tmp / "unfused", fused_attention=False)
+    bundles = {"fp32": fp32, "fp32_unfused": unfused}
     for precision in ("int8", "int4"):
         bundles[precision] = make_quantized(fp32, precision, ExportConfig())
+    bundles["int8_unfused"] = make_quantized(unfused, "int8", ExportConfig())
     factories: dict[str, Any] = {}
     for key, path in bundles.items():
         factories[f"ours_{key}"] = lambda path=path, key=key: ours(path, f"ours_{key}")
@@ -168,6 +172,8 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     pairs = [(f"ours_{p}", f"optimum_{p}") for p in ("fp32", "int8")] + [("ours_int4", "optimum_int8")]
     pairs += [(f"ours_{p}", f"genai_{p}") for p in ("fp32", "int8", "int4")]
     pairs += [("ours_int4", "ours_int8"), ("ours_int8", "ours_fp32"), ("ours_fp32", "transformers_fp32")]
+    # The graph's own gain, for both loops: fused attention against the exporter's plain attention.
+    pairs += [(f"{e}_{p}", f"{e}_{p}_unfused") for e in ("genai", "ours") for p in ("fp32", "int8")]
     for shape, batch in sorted({(s, b) for s, b, _ in speed}):
         for a, b in pairs:
             if (shape, batch, a) in speed and (shape, batch, b) in speed:

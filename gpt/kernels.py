@@ -72,6 +72,67 @@ def attention(
     return y.to(dtype)
 
 
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past: tuple[torch.Tensor, torch.Tensor] | None,
+    mask: torch.Tensor | None,
+    dropout_p: float,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Append the new keys and values to the cache, then attend: q, k, v (B, T, nh, hs) and a past
+    (B, nh, P, hs) -> y (B, T, nh * hs) and the cache (B, nh, P + T, hs).
+
+    Inside ``onnx_attention()`` a step with a cache is one ``gptflow::cached_attention`` op, which
+    gpt/export.py writes as onnxruntime's fused MultiHeadAttention; everywhere else it is the concat
+    and ``attention`` below (what the op itself runs in PyTorch).
+    """
+    if _ONNX_ATTENTION and past is not None and mask is not None:
+        y, k, v = torch.ops.gptflow.cached_attention(q, k, v, past[0], past[1], mask)
+        return y, (k, v)
+    B, T, nh, hs = q.shape
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+    if past is not None:
+        k = torch.cat([past[0], k], dim=2)  # (B, nh, S, hs)
+        v = torch.cat([past[1], v], dim=2)
+    y = attention(q, k, v, mask, dropout_p)  # (B, nh, T, hs)
+    return y.transpose(1, 2).reshape(B, T, nh * hs), (k, v)
+
+
+@torch.library.custom_op("gptflow::cached_attention", mutates_args=())
+def _cached_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, (k, v) = cached_attention(q, k, v, (past_k, past_v), mask, 0.0)
+    return y, k, v
+
+
+@_cached_attention_op.register_fake
+def _(q, k, v, past_k, past_v, mask):
+    B, T, nh, hs = q.shape
+    S = past_k.shape[2] + T
+    return q.new_empty(B, T, nh * hs), past_k.new_empty(B, nh, S, hs), past_v.new_empty(B, nh, S, hs)
+
+
+_ONNX_ATTENTION = False
+
+
+@contextlib.contextmanager
+def onnx_attention():
+    """Trace cached attention as the one ``gptflow::cached_attention`` op (for gpt/export.py)."""
+    global _ONNX_ATTENTION
+    was, _ONNX_ATTENTION = _ONNX_ATTENTION, True
+    try:
+        yield
+    finally:
+        _ONNX_ATTENTION = was
+
+
 GELU_2K = 2.0 * math.sqrt(2.0 / math.pi)
 GELU_C = 0.044715
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from gpt.config import ModelConfig
 from gpt.kernels import _GeluSigmoid as _GeluSigmoid  # re-exported: tests name it as gpt.model's
-from gpt.kernels import attention, gelu_tanh
+from gpt.kernels import cached_attention, gelu_tanh
 from gpt.kernels import causal_attention_matmul as causal_attention_matmul  # re-exported, likewise
 
 # One (key, value) pair per layer, each (B, nh, P, hs).
@@ -54,7 +54,7 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, nh, T, hs) by per-position angles; cos/sin are (B, 1, T, hs/2) or (1, T, hs/2)."""
+    """Rotate (B, T, nh, hs) by per-position angles; cos/sin are (B, T, 1, hs/2) or (T, 1, hs/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -89,21 +89,14 @@ class CausalSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, nh, hs) for t in self.c_attn(x).split(self.n_embd, dim=2))  # (B, T, nh, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # the cache keeps normalised keys
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, nh, S, hs)
-            v = torch.cat([past[1], v], dim=2)  # (B, nh, S, hs)
         dropout_p = self.dropout if self.training else 0.0
-        y = attention(q, k, v, mask, dropout_p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y)), (k, v)
+        y, present = cached_attention(q, k, v, past, mask, dropout_p)  # (B, T, C), cache (B, nh, S, hs)
+        return self.resid_dropout(self.c_proj(y)), present
 
 
 class MLP(nn.Module):
@@ -248,7 +241,7 @@ class GPT(nn.Module):
         if self.config.pos_encoding == "rope":
             cos = self._position_rows(self.rope_cos, position_ids, past_len, T)  # ([B,] T, hs/2)
             sin = self._position_rows(self.rope_sin, position_ids, past_len, T)
-            rope = (cos.unsqueeze(-3), sin.unsqueeze(-3))  # ([B,] 1, T, hs/2): broadcast over heads
+            rope = (cos.unsqueeze(-2), sin.unsqueeze(-2))  # ([B,] T, 1, hs/2): broadcast over heads
         x = self.transformer.drop(x)
 
         mask = None

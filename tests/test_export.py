@@ -62,6 +62,28 @@ def test_onnx_matches_torch_with_kv_cache_for_each_position_encoding(exported):
     assert parity["greedy_identical"]
 
 
+def test_cached_attention_is_one_fused_node_per_layer_and_both_graphs_match_torch(tok, tmp_path):
+    """The default graph writes each layer's cached attention as one MultiHeadAttention (no softmax
+    left, one mask bias for all layers); --no-fused-attention keeps the exporter's own nodes. Both match
+    PyTorch over a left-padded prefill and 50 cached steps, with rotary and QK-norm on."""
+    from gpt.export import export_onnx, lm_parity
+
+    torch.manual_seed(0)
+    model = GPT(
+        ModelConfig.preset("tiny", vocab_size=tok.vocab_size, pos_encoding="rope", qk_norm=True)
+    ).eval()
+    ops = {}
+    for fused in (True, False):
+        path = export_onnx(model, tmp_path / f"fused-{fused}.onnx", fused_attention=fused)
+        ops[fused] = [n.op_type for n in onnx.load(str(path)).graph.node]
+        parity = lm_parity(model, path)
+        assert parity["max_abs_diff"] <= 1e-5, (fused, parity)
+    n_layer = model.config.n_layer
+    assert ops[True].count("MultiHeadAttention") == n_layer
+    assert "Softmax" not in ops[True] and ops[True].count("Where") == 1  # one mask bias, shared
+    assert "MultiHeadAttention" not in ops[False] and ops[False].count("Softmax") == n_layer
+
+
 def test_onnx_greedy_100_tokens_equal_pytorch_generate(exported, tok):
     _, model, result = exported
     lm = load_bundle(result["bundle"])
@@ -199,7 +221,7 @@ def test_failed_parity_writes_no_bundle(classifier, tmp_path, monkeypatch):
     # Reuse the graph already exported (saves an export); parity then fails on the impossible tolerance.
     monkeypatch.setattr(
         "gpt.export.export_onnx",
-        lambda model, path, opset: shutil.copyfile(f"{result['bundle']}/model.onnx", path),
+        lambda model, path, opset, fused: shutil.copyfile(f"{result['bundle']}/model.onnx", path),
     )
     with pytest.raises(ValueError, match="parity check failed"):
         export_bundle(ckpt, tmp_path / "b", ExportConfig(parity_atol=1e-30))
