@@ -70,9 +70,10 @@ class ExportConfig(ConfigBase):
     parity_atol: float = 1e-4  # largest |logits(onnxruntime) - logits(PyTorch)| a bundle may have
     parity_decode_steps: int = 50  # cached decode steps compared after the padded-batch prefill
     greedy_tokens: int = 100  # greedy tokens that must equal gpt.generate's (capped by the context)
-    # The decoder's cached attention as one onnxruntime MultiHeadAttention node per layer (124M shape,
-    # same run: ours int8 1.13-1.14x faster at batch 1 and 8, onnxruntime-genai 1.02-1.07x); off: the
-    # exporter's own concat / matmul / softmax nodes, which any ONNX runtime reads.
+    # The decoder's cached attention as one onnxruntime MultiHeadAttention node per layer. 124M shape,
+    # benchmarks/decode_latency.py, two runs: our runtime 1.10-1.42x faster than on the unfused graph
+    # (fp32 and int8, batch 1 and 8); onnxruntime-genai 0.89-1.20x, no consistent gain. Off: the
+    # exporter's own concat / matmul / softmax nodes, which runtimes other than onnxruntime read.
     fused_attention: bool = True
     add_bos: bool = False  # prompts start with BOS, not EOS (pretraining puts EOS before documents)
     seed: int = 0  # seed for the random parity prompts
