@@ -1,8 +1,10 @@
-"""CPU speed-ups for the model's two hot spots, attention and GELU, kept out of ``gpt/model.py``.
+"""The model's two hot spots, attention and GELU, kept out of ``gpt/model.py``.
 
 Each is the same function as the plain PyTorch call it replaces (tests/test_model.py checks values
 and gradients); they differ only in which kernels run: under torch.compile on CPU, and under CPU
-bf16 autocast. Eager fp32, CUDA and ONNX export take the plain calls.
+bf16 autocast. Eager fp32 and CUDA take the plain calls; ONNX export too, except that a decode
+step's cached attention traces as one op (``cached_attention``), written as onnxruntime's fused
+attention (tests/test_export.py checks parity).
 """
 
 from __future__ import annotations
