@@ -84,6 +84,27 @@ def test_cached_attention_is_one_fused_node_per_layer_and_both_graphs_match_torc
     assert "MultiHeadAttention" not in ops[False] and ops[False].count("Softmax") == n_layer
 
 
+def test_the_traced_attention_op_runs_in_pytorch_as_the_plain_path(tok):
+    """Inside onnx_attention() a cached decode step goes through gptflow::cached_attention; run eagerly
+    it must give the plain path's logits and cache (and not call itself again)."""
+    from gpt import kernels
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, pos_encoding="rope")).eval()
+    ids = torch.randint(4, tok.vocab_size, (2, 5))
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        _, past = model.decode(ids[:, :3], None, mask[:, :3])
+        plain, plain_cache = model.decode(ids[:, 3:], past, mask)
+        with kernels.onnx_attention():
+            traced, traced_cache = model.decode(ids[:, 3:], past, mask)
+    assert torch.equal(plain, traced)
+    flat = [
+        (a, b) for pa, pb in zip(plain_cache, traced_cache, strict=True) for a, b in zip(pa, pb, strict=True)
+    ]
+    assert all(torch.equal(a, b) for a, b in flat)
+
+
 def test_onnx_greedy_100_tokens_equal_pytorch_generate(exported, tok):
     _, model, result = exported
     lm = load_bundle(result["bundle"])
