@@ -66,7 +66,12 @@ def make_bundle(model: GPT, tokenizer: Path, out: Path, fused_attention: bool = 
     out.mkdir(parents=True)
     export_onnx(model, out / ONNX_FILE, fused_attention=fused_attention)
     shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
-    config = BundleConfig(kind="lm", model=model.config.to_dict(), tokenizer_hash=sha256_file(tokenizer))
+    config = BundleConfig(
+        kind="lm",
+        model=model.config.to_dict(),
+        tokenizer_hash=sha256_file(tokenizer),
+        kv_cache="in_place" if fused_attention else "concat",
+    )
     config.write(out)
     atomic_write_json(out / GENAI_CONFIG_FILE, genai_config(config))
     return out

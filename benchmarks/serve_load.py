@@ -67,7 +67,11 @@ def random_bundle(out: Path, shape: str) -> Path:
     export_onnx(model, tmp / ONNX_FILE)
     shutil.copyfile(tok.path, tmp / TOKENIZER_FILE)
     config = BundleConfig(
-        kind="lm", model=model.config.to_dict(), tokenizer_hash=sha256_file(tok.path), name=f"random-{shape}"
+        kind="lm",
+        model=model.config.to_dict(),
+        tokenizer_hash=sha256_file(tok.path),
+        name=f"random-{shape}",
+        kv_cache="in_place",
     )
     config.write(tmp)
     tmp.rename(bundle)

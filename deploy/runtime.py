@@ -304,6 +304,15 @@ class OnnxLM(_Bundle):
         # written straight into a numpy array. False: plain session.run, for comparison.
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         self.use_io_binding = True
+        # In-place cache (CPU, graphs that support it): decode steps hand the graph a numpy buffer per
+        # past tensor, longer than its tokens and bound as its own present, so a step writes one new
+        # column instead of copying the whole cache. On the GPU the cache stays in OrtValues.
+        self.kv_in_place = config.kv_cache == "in_place" and self.device == "cpu"
+
+    @property
+    def in_place_cache(self) -> bool:
+        """Whether decode steps write into the cache buffers (the lean step on an in-place graph)."""
+        return self.kv_in_place and self.use_io_binding
 
     # One forward pass -----------------------------------------------------------------------
 
@@ -312,9 +321,14 @@ class OnnxLM(_Bundle):
         return [empty] * (2 * self.n_layer)
 
     def _forward(
-        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list
+        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list, in_place: bool = False
     ) -> tuple[np.ndarray, list]:
-        """Logits (B, T, V) and the new cache (OrtValues; numpy arrays with plain run)."""
+        """Logits (B, T, V) and the new cache (OrtValues; numpy arrays with plain run).
+
+        ``in_place``: ``past`` are C-contiguous buffers (B, nh, capacity, hs) with capacity > the
+        mask's columns; the graph writes the new keys and values into them, and they are returned."""
+        if in_place:
+            return self._forward_in_place(ids, mask, pos, past)
         if not self.use_io_binding:
             feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
             feed.update(zip(self.past_names, past, strict=True))
@@ -335,6 +349,23 @@ class OnnxLM(_Bundle):
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         return logits, list(binding.get_outputs()[1:])
+
+    def _forward_in_place(self, ids, mask, pos, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
+        logits = np.empty((*ids.shape, self.vocab_size), dtype=np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        if past[0].shape[2] < mask.shape[1]:
+            raise ValueError(
+                f"cache buffers hold {past[0].shape[2]} columns; this step needs {mask.shape[1]}"
+            )
+        for name, present, buf in zip(self.past_names, self.output_names[1:], past, strict=True):
+            binding.bind_input(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            binding.bind_output(present, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return logits, past
 
     def logits(self, prompt_ids: list[list[int]]) -> np.ndarray:
         """Logits (B, T, V) of a prefill of equal-length prompts (no cache): for checks and scoring."""
@@ -567,6 +598,17 @@ def _host(value: Any) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else value.numpy()
 
 
+KV_ROOM = 64  # columns an in-place cache buffer grows by: one reallocation every 64 steps
+
+
+def _with_room(cache: np.ndarray) -> np.ndarray:
+    """(B, nh, P, hs) -> a zeroed C-contiguous buffer (B, nh, P + KV_ROOM, hs) holding it in front."""
+    B, nh, P, hs = cache.shape
+    buf = np.zeros((B, nh, P + KV_ROOM, hs), dtype=cache.dtype)
+    buf[:, :, :P] = cache
+    return buf
+
+
 class DecodeBatch:
     """Rows that decode together: one session call advances all of them by a token.
 
@@ -580,7 +622,9 @@ class DecodeBatch:
     def __init__(self, lm: OnnxLM):
         self.lm = lm
         self.rows: list[Row] = []
-        self.past: list | None = None  # 2 * n_layer arrays (B, heads, P, head_dim), or OrtValues
+        # 2 * n_layer arrays (B, heads, P, head_dim), or OrtValues; with an in-place cache numpy
+        # buffers with room for more columns (the first P, the mask's width, hold the cache)
+        self.past: list | None = None
         self.mask = np.zeros((0, 0), dtype=np.int64)  # (B, P)
         self.calls = 0  # session calls made: prefills and decode steps
 
@@ -630,7 +674,10 @@ class DecodeBatch:
             ids = np.array([r.pending for r in self.rows], dtype=np.int64)  # (B, 1)
             mask = np.concatenate([self.mask, np.ones((B, 1), dtype=np.int64)], axis=1)
             pos = np.array([[r.cached] for r in self.rows], dtype=np.int64)
-            logits, self.past = self.lm._forward(ids, mask, pos, self.past)
+            in_place = self.lm.in_place_cache
+            if in_place and self.past[0].shape[2] < mask.shape[1]:
+                self.past = [_with_room(p[:, :, : mask.shape[1] - 1]) for p in self.past]
+            logits, self.past = self.lm._forward(ids, mask, pos, self.past, in_place)
             self.calls += 1
             self.mask = mask
             for r in self.rows:
@@ -653,12 +700,13 @@ class DecodeBatch:
             return
         mask = self.mask[keep]
         lead = int(np.argmax(mask.any(axis=0)))  # columns before this one only departed rows used
+        P = mask.shape[1]
         self.mask = mask[:, lead:]
-        self.past = [_host(p)[keep, :, lead:] for p in self.past]  # one copy, C-contiguous
+        self.past = self._cache([_host(p)[keep, :, lead:P] for p in self.past])  # one copy, C-contiguous
 
     def _merge(self, rows: list[Row], past: list[np.ndarray], mask: np.ndarray) -> None:
         if not self.rows:
-            self.rows, self.past, self.mask = list(rows), past, mask
+            self.rows, self.past, self.mask = list(rows), self._cache(past), mask
             return
         B0, P = self.mask.shape
         B1, T = mask.shape
@@ -667,11 +715,15 @@ class DecodeBatch:
         merged[:B0, S - P :], merged[B0:, S - T :] = self.mask, mask
         tensors = []
         for a, b in zip(self.past, past, strict=True):
-            a = _host(a)
+            a = _host(a)[:, :, :P]
             t = np.zeros((B0 + B1, a.shape[1], S, a.shape[3]), dtype=a.dtype)
             t[:B0, :, S - P :], t[B0:, :, S - T :] = a, b
             tensors.append(t)
-        self.rows, self.past, self.mask = self.rows + list(rows), tensors, merged
+        self.rows, self.past, self.mask = self.rows + list(rows), self._cache(tensors), merged
+
+    def _cache(self, tensors: list[np.ndarray]) -> list:
+        """What ``past`` holds: the tensors, or (in-place cache) buffers with room to grow."""
+        return [_with_room(t) for t in tensors] if self.lm.in_place_cache else tensors
 
     def _sample(self, rows: list[Row], last: np.ndarray) -> list[tuple[Row, str]]:
         last = last[:, : self.lm.n_pieces]  # ids past the tokenizer's pieces cannot be decoded

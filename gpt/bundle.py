@@ -39,6 +39,10 @@ SPECIAL_IDS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
 
 KINDS = ("lm", "classifier")
 PRECISIONS = ("fp32", "int8", "int4")
+# How the decoder graph returns its cache: "concat", present = past + new, a fresh tensor each step;
+# "in_place", it may also be handed a past buffer longer than its tokens, bound as its own present,
+# and then writes only the new columns (GroupQueryAttention, gpt/onnx_ops.py).
+KV_CACHES = ("concat", "in_place")
 
 # ONNX I/O (optimum's names, so other tools can run the decoder graph). The %d is the layer.
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
@@ -172,6 +176,7 @@ class BundleConfig:
     labels: list[str] | None = None  # classifier: one name per class, in logit order
     classifier_input: ClassifierInput | None = None  # classifier: how a text becomes windows
     precision: str = "fp32"  # fp32 | int8 | int4
+    kv_cache: str = "concat"  # LM: concat | in_place (KV_CACHES); bundles before it are concat
     quantization: dict[str, Any] | None = None  # int8/int4: how (method, bits, block size, accuracy level)
     name: str | None = None  # the served model name (default: the bundle directory's name)
     generation: dict[str, Any] | None = None  # LM: decoding defaults (GENERATION_KEYS) of its task
@@ -258,6 +263,8 @@ class BundleConfig:
             raise _type_error("add_bos", self.add_bos, "true or false")
         if self.precision not in PRECISIONS:
             raise _type_error("precision", self.precision, " or ".join(map(repr, PRECISIONS)))
+        if self.kv_cache not in KV_CACHES:
+            raise _type_error("kv_cache", self.kv_cache, " or ".join(map(repr, KV_CACHES)))
         self._validate_generation()
         if self.kind == "classifier":
             self._validate_classifier()
@@ -416,8 +423,8 @@ class BundleConfig:
 
 def genai_config(config: BundleConfig) -> dict[str, Any]:
     """onnxruntime-genai's description of the decoder graph: model ``type: "decoder"`` with our I/O
-    names (its ``gpt2`` type expects other input names). The graph returns present = past + new, a
-    fresh buffer each step, hence ``past_present_share_buffer: false``."""
+    names (its ``gpt2`` type expects other input names). An ``in_place`` graph can share one buffer
+    between past and present (``past_present_share_buffer``); a ``concat`` one returns a fresh one."""
     n_embd, n_head, ids = config.model["n_embd"], config.n_head, config.special_ids
     return {
         "model": {
@@ -454,7 +461,7 @@ def genai_config(config: BundleConfig) -> dict[str, Any]:
             "max_length": config.context_length,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": config.kv_cache == "in_place",
             "temperature": 1.0,
             "top_k": 1,
             "top_p": 1.0,

@@ -62,7 +62,7 @@ class ExportConfig(ConfigBase):
     opset: int = 18  # ONNX opset; >= 18 (the dynamo exporter's opset 17 emits an invalid Split)
     quantize: str = "none"  # none | int8 | int4 | int8,int4: also write <out>-int8 / <out>-int4 (weight-only)
     quant_block_size: int = (
-        0  # weights per scale along the input dim: a power of two >= 16; 0 = int4 32, int8 128
+        0  # weights per scale along the input dim: a power of two >= 16; 0 = 128 (int8 and int4)
     )
     # 124M shape, int4, batch 1: accuracy level 4 ran 80.5 tok/s, level 0 39.3 (see quantize_weights).
     quant_accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations per row and block, 0 = fp32
@@ -70,9 +70,12 @@ class ExportConfig(ConfigBase):
     parity_atol: float = 1e-4  # largest |logits(onnxruntime) - logits(PyTorch)| a bundle may have
     parity_decode_steps: int = 50  # cached decode steps compared after the padded-batch prefill
     greedy_tokens: int = 100  # greedy tokens that must equal gpt.generate's (capped by the context)
-    # The decoder's cached attention as one onnxruntime MultiHeadAttention node per layer. 124M shape,
-    # benchmarks/decode_latency.py, two runs: our runtime 1.10-1.42x faster than on the unfused graph
-    # (fp32 and int8, batch 1 and 8); onnxruntime-genai 0.89-1.20x, no consistent gain. Off: the
+    # The decoder's cached attention as one onnxruntime GroupQueryAttention node per layer, which can
+    # write the cache in place (BundleConfig.kv_cache "in_place"). 124M shape, our runtime, 2026-12-03,
+    # same run, in-place vs concatenating steps over that graph: batch 1 fp32 / int8 / int4 46.3 /
+    # 152.0 / 163.1 vs 45.8 / 116.3 / 144.6 tok/s, batch 8 245.8 / 419.4 / 369.9 vs 201.8 / 358.5 /
+    # 305.3. onnxruntime has CUDA kernels for it in fp16/bf16 only: on CUDA an fp32 graph's attention
+    # runs on the CPU provider (correct, slower; export --no-fused-attention there). Off: the
     # exporter's own concat / matmul / softmax nodes, which runtimes other than onnxruntime read.
     fused_attention: bool = True
     add_bos: bool = False  # prompts start with BOS, not EOS (pretraining puts EOS before documents)
@@ -92,10 +95,12 @@ class ExportConfig(ConfigBase):
         _one_of(self, "quant_accuracy_level", (0, 1, 2, 3, 4))
 
     def block_size(self, precision: str) -> int:
-        """Weights per scale for ``precision``. The defaults, measured on the 124M shape at batch 1:
-        int8 at 128 ran 61 tok/s and at 32 55 (its scales are 12 % of the bytes read); int4 at 32
-        ran 80.5 and at 128 73.5 (4-bit kernels want the finer blocks)."""
-        return self.quant_block_size or {"int8": 128, "int4": 32}[precision]
+        """Weights per scale for ``precision``. The default, 128, measured on the 124M shape:
+        int8 at 128 ran 61 tok/s and at 32 55 (its scales are 12 % of the bytes read). int4, with
+        onnxruntime 1.32 (2026-12-03, our runtime, 64 new tokens): block 32 / 64 / 128 ran 126 / 147
+        / 161 tok/s at batch 1 and 311 / 327 / 390 at batch 8; on the trained cpu-preset LM, held-out
+        BBC text, block 128 costs +0.22 % bits per byte (block 32: +0.16 %), top-1 agreement 0.920."""
+        return self.quant_block_size or 128
 
     @property
     def precisions(self) -> list[str]:
@@ -111,7 +116,7 @@ class ExportConfig(ConfigBase):
 def export_onnx(model: GPT, path: Path, opset: int = 18, fused_attention: bool = True) -> Path:
     """Write ``model`` as one ONNX graph (decoder with KV cache, or classifier) to ``path``.
 
-    ``fused_attention``: the decoder's cached attention becomes one onnxruntime MultiHeadAttention
+    ``fused_attention``: the decoder's cached attention becomes one onnxruntime GroupQueryAttention
     node per layer (``gpt.onnx_ops``) instead of the exporter's concat, matmul, mask and
     softmax nodes."""
     import torch
@@ -610,6 +615,7 @@ def export_bundle(
             labels=labels,
             classifier_input=_classifier_input(meta, cfg.block_size) if kind == "classifier" else None,
             generation=meta.get("generation") if kind == "lm" else None,
+            kv_cache="in_place" if kind == "lm" and config.fused_attention else "concat",
             opset=config.opset,
             io={"inputs": [i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input]},
             source_checkpoint={

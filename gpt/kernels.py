@@ -86,7 +86,7 @@ def cached_attention(
     (B, nh, P, hs) -> y (B, T, nh * hs) and the cache (B, nh, P + T, hs).
 
     Inside ``onnx_attention()`` a step with a cache is one ``gptflow::cached_attention`` op, which
-    gpt/export.py writes as onnxruntime's fused MultiHeadAttention; everywhere else it is the concat
+    gpt/export.py writes as onnxruntime's fused GroupQueryAttention; everywhere else it is the concat
     and ``attention`` below (what the op itself runs in PyTorch).
     """
     if _ONNX_ATTENTION and past is not None and mask is not None:

@@ -246,7 +246,10 @@ class GPT(nn.Module):
 
         mask = None
         if attention_mask is not None or past_len > 0:
-            mask = self._attention_mask(attention_mask, B, T, past_len, idx.device)
+            # Columns from the mask when there is one, so that the exported graph never reads the
+            # cache's length: a runtime may pass a buffer longer than its tokens (gpt/onnx_ops.py).
+            mask_past = past_len if attention_mask is None else attention_mask.size(1) - T
+            mask = self._attention_mask(attention_mask, B, T, mask_past, idx.device)
         presents: KVCache = []
         for i, block in enumerate(self.transformer.h):
             x, present = block(x, rope, mask, past_key_values[i] if past_key_values else None)

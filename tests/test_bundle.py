@@ -125,6 +125,7 @@ def test_a_missing_field_is_named_with_the_file(tmp_path, field):
         ({"tokenizer_hash": "abc"}, "tokenizer_hash"),
         ({"special_ids": {"pad": 0}}, "special_ids"),
         ({"add_bos": "yes"}, "add_bos"),
+        ({"kv_cache": "shared"}, "kv_cache"),
         ({"context_length": 128}, "context_length"),
     ],
 )
@@ -218,6 +219,10 @@ def test_genai_config_names_the_graphs_inputs_and_outputs():
     present = [names[k] % i for i in range(2) for k in ("present_key_names", "present_value_names")]
     assert [names["logits"], *present] == outputs
     assert (decoder["head_size"], decoder["num_hidden_layers"]) == (32, 2)
+    # One past/present buffer only where the graph can write into it (and bundles before the field cannot).
+    assert not genai_config(cfg)["search"]["past_present_share_buffer"]
+    cfg.kv_cache = "in_place"
+    assert genai_config(cfg)["search"]["past_present_share_buffer"]
 
 
 def test_window_rule_cuts_pieces_and_drops_a_short_last_one():

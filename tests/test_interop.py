@@ -5,6 +5,7 @@ genai_config.json) generates our greedy tokens, and the Triton repository that `
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def test_onnxruntime_genai_generates_our_greedy_tokens(exported):
     og = pytest.importorskip("onnxruntime_genai", reason="pip install 'gptflow[interop]' (onnxruntime-genai)")
     bundle, _ = exported
     lm = load_bundle(bundle)
+    assert lm.config.kv_cache == "in_place"  # so onnxruntime-genai shares one past/present buffer
+    assert json.loads((bundle / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
     engine = og.Model(str(bundle))  # reads genai_config.json
     for prompt in PROMPTS:
         ids = lm.encode(prompt)

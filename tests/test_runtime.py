@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from deploy.runtime import GenerationConfig, load_bundle
+from deploy import runtime
+from deploy.runtime import DecodeBatch, GenerationConfig, load_bundle
 from gpt.checkpoint import save_model
 from gpt.config import ModelConfig
 from gpt.export import ExportConfig, export_bundle, quantize_int8, quantize_weights
@@ -273,6 +274,40 @@ def test_runtime_and_infer_script_work_where_torch_cannot_be_imported(random_lm,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+
+
+def test_an_in_place_cache_decodes_as_the_concatenating_one(random_lm, monkeypatch):
+    """Decode steps that write into the cache buffers give the concatenating steps' logits, through
+    rows of different lengths joining mid-way, leaving early, and buffers that run out of room."""
+    assert random_lm.in_place_cache  # the default export writes an in-place graph
+    concat = load_bundle(random_lm.bundle, providers=["CPUExecutionProvider"])
+    concat.kv_in_place = False
+    monkeypatch.setattr(runtime, "KV_ROOM", 3)  # regrow every few steps
+    logits = {}
+    for lm in (random_lm, concat):
+        seen = logits.setdefault(lm.in_place_cache, [])
+        forward = lm._forward
+
+        def record(*args, forward=forward, seen=seen, **kw):
+            out = forward(*args, **kw)
+            seen.append(out[0][:, -1].copy())
+            return out
+
+        monkeypatch.setattr(lm, "_forward", record)
+        batch = DecodeBatch(lm)
+        rows = [
+            lm.new_row(lm.encode(t), GenerationConfig(max_new_tokens=n, ignore_eos=True))
+            for t, n in (("The quick brown fox", 12), ("sea", 5), ("a b c d e f g", 20))
+        ]
+        batch.join(rows[:2])
+        for _ in range(4):
+            batch.step()
+        batch.join(rows[2:])
+        while batch.rows:
+            batch.step()
+    assert len(logits[True]) == len(logits[False]) > 20
+    for a, b in zip(logits[True], logits[False], strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-6
 
 
 def test_lean_step_gives_the_plain_steps_logits_and_tokens(random_lm):
