@@ -325,7 +325,7 @@ class OnnxLM(_Bundle):
     ) -> tuple[np.ndarray, list]:
         """Logits (B, T, V) and the new cache (OrtValues; numpy arrays with plain run).
 
-        ``in_place``: ``past`` are C-contiguous buffers (B, nh, capacity, hs) with capacity > the
+        ``in_place``: ``past`` are C-contiguous buffers (B, nh, capacity, hs) with capacity >= the
         mask's columns; the graph writes the new keys and values into them, and they are returned."""
         if in_place:
             return self._forward_in_place(ids, mask, pos, past)
