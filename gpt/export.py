@@ -118,12 +118,12 @@ def export_onnx(model: GPT, path: Path, opset: int = 18, fused_attention: bool =
 
     ``fused_attention``: the decoder's cached attention becomes one onnxruntime GroupQueryAttention
     node per layer (``gpt.onnx_ops``) instead of the exporter's concat, matmul, mask and
-    softmax nodes."""
+    softmax nodes, and residual + LayerNorm and GELU become onnxruntime's fused kernels too."""
     import torch
     import torch.nn as nn
 
     from gpt import kernels
-    from gpt.onnx_ops import attention_translation
+    from gpt.onnx_ops import attention_translation, fuse_for_onnxruntime
 
     class DecoderForExport(nn.Module):
         """``GPT.decode`` with the cache as nested lists (the exporter flattens them in order)."""
@@ -192,6 +192,8 @@ def export_onnx(model: GPT, path: Path, opset: int = 18, fused_attention: bool =
             verbose=False,
         )
     program.save(str(path), external_data=external)
+    if fuse:
+        log.debug("onnxruntime fusions: %s", fuse_for_onnxruntime(path))
     if cfg.n_classes == 0:
         _name_mask_axis(path, external)
     return path

@@ -56,3 +56,62 @@ def attention_translation(cfg):
         return y, present_k, present_v
 
     return cached_attention
+
+
+def fuse_for_onnxruntime(path) -> dict[str, int]:
+    """Rewrite the exported decoder at ``path`` (in place) with onnxruntime's fused kernels, using
+    onnxscript's own ORT fusion rules: residual add (+ bias) + LayerNorm -> SkipLayerNormalization,
+    GPT-2's tanh GELU -> FastGelu, and each Reshape pair that only undoes itself (q/k/v viewed as
+    heads, then back as (B, T, C) for the attention op) removed. Returns how many of each.
+
+    Why: a batch-1 decode step is a few hundred small nodes, and onnxruntime's graph optimizer does
+    none of these on our graph (measured, 124M shape, int4: 370 -> 164 nodes, 4.07 -> 3.68 ms a step).
+    The MatMuls are left as they are, for the weight-only quantizer to find."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import onnx_ir as ir
+    from onnx_ir.passes.common import ShapeInferencePass
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter.ort_fusions.gelu import fuse_gelu
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_layer_normalization
+
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    model = ir.load(str(path))
+    ShapeInferencePass()(model)
+    optimize(model)
+    counts = {"reshape_round_trips": _drop_reshape_round_trips(model)}
+    optimize(model)
+    counts["skip_layer_norm"] = fuse_skip_layer_normalization(model)
+    counts["fast_gelu"] = fuse_gelu(model)
+    optimize(model)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fuse-") as tmp:
+        out = Path(tmp) / path.name
+        ir.save(model, str(out), external_data=data.name if data.exists() else None)
+        if data.exists():
+            os.replace(Path(tmp) / data.name, data)
+        os.replace(out, path)
+    return counts
+
+
+def _drop_reshape_round_trips(model) -> int:
+    """Bypass Reshape(Reshape(x)) whose output has x's own (symbolic) shape: a no-op pair."""
+    dropped = 0
+    for node in list(model.graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+            continue
+        inner = node.inputs[0].producer()
+        if inner is None or inner.op_type != "Reshape":
+            continue
+        x, y = inner.inputs[0], node.outputs[0]
+        if x.shape is None or y.shape is None or x.shape != y.shape:
+            continue
+        if any(not isinstance(d, int) and d.value is None for d in x.shape):
+            continue  # an anonymous dimension: equal names prove nothing
+        if y.is_graph_output():
+            continue
+        y.replace_all_uses_with(x)
+        dropped += 1
+    return dropped

@@ -84,6 +84,24 @@ def test_cached_attention_is_one_fused_node_per_layer_and_both_graphs_match_torc
     assert "GroupQueryAttention" not in ops[False] and ops[False].count("Softmax") == n_layer
 
 
+def test_the_fused_graph_uses_onnxruntimes_layer_norm_and_gelu_kernels_and_still_matches_torch(tok, tmp_path):
+    """GPT-2's recipe: every add + LayerNorm is one SkipLayerNormalization, every tanh GELU one FastGelu, and no Reshape is left between the qkv split and the
+    attention op. Same logits as PyTorch, so each rewrite kept the math."""
+    from gpt.export import export_onnx, lm_parity
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size)).eval()
+    path = export_onnx(model, tmp_path / "model.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    n_layer = model.config.n_layer
+    # ln_1 and ln_2 of every block (the first ln_1 adds the position embedding), ln_f
+    assert ops.count("SkipLayerNormalization") == 2 * n_layer + 1 and "LayerNormalization" not in ops
+    assert ops.count("FastGelu") == n_layer and "Tanh" not in ops and "Pow" not in ops
+    assert ops.count("Reshape") <= 1, ops  # only the mask's
+    parity = lm_parity(model, path)
+    assert parity["max_abs_diff"] <= 1e-5, parity
+
+
 def test_the_traced_attention_op_runs_in_pytorch_as_the_plain_path(tok):
     """Inside onnx_attention() a cached decode step goes through gptflow::cached_attention; run eagerly
     it must give the plain path's logits and cache (and not call itself again)."""
