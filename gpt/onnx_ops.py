@@ -61,11 +61,13 @@ def attention_translation(cfg):
 def fuse_for_onnxruntime(path) -> dict[str, int]:
     """Rewrite the exported decoder at ``path`` (in place) with onnxruntime's fused kernels, using
     onnxscript's own ORT fusion rules: residual add (+ bias) + LayerNorm -> SkipLayerNormalization,
-    GPT-2's tanh GELU -> FastGelu, and each Reshape pair that only undoes itself (q/k/v viewed as
-    heads, then back as (B, T, C) for the attention op) removed. Returns how many of each.
+    GPT-2's tanh GELU -> FastGelu, each Reshape pair that only undoes itself (q/k/v viewed as
+    heads, then back as (B, T, C) for the attention op) removed, and the attention reading q, k, v
+    packed where they come straight from the qkv projection. Returns how many of each.
 
     Why: a batch-1 decode step is a few hundred small nodes, and onnxruntime's graph optimizer does
-    none of these on our graph (measured, 124M shape, int4: 370 -> 164 nodes, 4.07 -> 3.68 ms a step).
+    none of these on our graph (measured, 124M shape, batch 1, int4: 370 -> 152 nodes, 4.07 -> 3.68 ms
+    a step; reading qkv packed 3.58 -> 3.42 ms).
     The MatMuls are left as they are, for the weight-only quantizer to find."""
     import os
     import tempfile
@@ -86,6 +88,7 @@ def fuse_for_onnxruntime(path) -> dict[str, int]:
     optimize(model)
     counts["skip_layer_norm"] = fuse_skip_layer_normalization(model)
     counts["fast_gelu"] = fuse_gelu(model)
+    counts["packed_qkv"] = _pack_qkv(model)
     optimize(model)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fuse-") as tmp:
         out = Path(tmp) / path.name
@@ -115,3 +118,22 @@ def _drop_reshape_round_trips(model) -> int:
         y.replace_all_uses_with(x)
         dropped += 1
     return dropped
+
+
+def _pack_qkv(model) -> int:
+    """GroupQueryAttention(q, k, v) of the three equal outputs of one Split of X along the last axis ->
+    GroupQueryAttention(X, None, None): the op's packed-qkv form, one node and one copy fewer."""
+    packed = 0
+    for node in model.graph:
+        if node.op_type != "GroupQueryAttention" or any(x is None for x in node.inputs[:3]):
+            continue
+        split = node.inputs[0].producer()
+        if split is None or split.op_type != "Split" or len(split.inputs) > 1:
+            continue  # explicit split sizes: not necessarily q, k, v of equal width
+        if split.attributes.get_int("axis", 0) not in (-1, 2) or list(split.outputs) != list(node.inputs[:3]):
+            continue
+        node.replace_input_with(0, split.inputs[0])
+        node.replace_input_with(1, None)
+        node.replace_input_with(2, None)
+        packed += 1
+    return packed
