@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +26,9 @@ import torch.distributed as dist
 from gpt.checkpoint import model_state_dict, unwrap
 from gpt.device import Dist
 
-__all__ = ["full_state", "is_sharded", "load_full_state", "no_sync", "rank_checksums", "wrap"]
+__all__ = ["can_compile", "full_state", "is_sharded", "load_full_state", "no_sync", "rank_checksums", "wrap"]
+
+log = logging.getLogger(__name__)
 
 
 def wrap(
@@ -33,6 +38,7 @@ def wrap(
 
     ``ddp`` wraps it in DistributedDataParallel. ``fsdp`` shards it in place (``module`` itself
     becomes the sharded model: build the optimizer after this call). A single process is neither."""
+    compile = compile and can_compile(device)
     if dd.enabled and parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -48,6 +54,23 @@ def wrap(
 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
+
+
+def can_compile(device: torch.device) -> bool:
+    """Whether torch.compile can run here. On CPU inductor writes C++ kernels and builds them with the
+    machine's C++ compiler; without one the first step would fail, so the run trains eagerly (same
+    results, slower) and says why."""
+    if (
+        device.type != "cpu"
+        or os.environ.get("CXX")
+        or any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    ):
+        return True
+    log.warning(
+        "compile is on, but torch.compile on CPU needs a C++ compiler (g++, clang++ or $CXX) and none "
+        "is installed: training without it. Install g++ (e.g. apt-get install g++) for the compiled step"
+    )
+    return False
 
 
 def is_sharded(module: torch.nn.Module) -> bool:

@@ -486,3 +486,21 @@ def test_cli_flags_override_yaml_which_overrides_the_preset(tmp_path):
     assert (model_config.n_layer, model_config.n_embd, model_config.n_head) == (3, 32, 2)
     assert (train_config.lr, train_config.max_steps, train_config.compile) == (0.01, 9, True)
     assert train_config.batch_size == TrainConfig.PRESETS["tiny"]["batch_size"]
+
+
+def test_compile_without_a_cpp_compiler_trains_eagerly_and_says_why(monkeypatch, caplog):
+    """On CPU torch.compile builds C++ kernels: with no compiler installed the first step would fail,
+    so wrap() hands back the plain module (and warns); with one it compiles."""
+    from gpt import parallel
+    from gpt.device import Dist
+
+    model = GPT(ModelConfig.preset("tiny", vocab_size=64))
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(parallel.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert parallel.wrap(model, cpu, Dist(), compile=True) is not model  # compiled
+    monkeypatch.setattr(parallel.shutil, "which", lambda name: None)
+    with caplog.at_level("WARNING", logger="gpt.parallel"):
+        assert parallel.wrap(model, cpu, Dist(), compile=True) is model
+    assert "C++ compiler" in caplog.text
+    assert parallel.wrap(model, cpu, Dist(), compile=False) is model
