@@ -66,8 +66,8 @@ def fuse_for_onnxruntime(path) -> dict[str, int]:
     packed where they come straight from the qkv projection. Returns how many of each.
 
     Why: a batch-1 decode step is a few hundred small nodes, and onnxruntime's graph optimizer does
-    none of these on our graph (measured, 124M shape, batch 1, int4: 370 -> 152 nodes, 4.07 -> 3.68 ms
-    a step; reading qkv packed 3.58 -> 3.42 ms).
+    none of these on our graph (measured, 124M shape, batch 1, int4: 370 -> 164 nodes, 4.07 -> 3.68 ms
+    a step; then reading qkv packed, 152 nodes, 3.58 -> 3.42 ms in another run).
     The MatMuls are left as they are, for the weight-only quantizer to find."""
     import os
     import tempfile
