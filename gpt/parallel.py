@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import shutil
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -57,20 +55,25 @@ def wrap(
 
 
 def can_compile(device: torch.device) -> bool:
-    """Whether torch.compile can run here. On CPU inductor writes C++ kernels and builds them with the
-    machine's C++ compiler; without one the first step would fail, so the run trains eagerly (same
-    results, slower) and says why."""
-    if (
-        device.type != "cpu"
-        or os.environ.get("CXX")
-        or any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-    ):
+    """Whether torch.compile can run here. On CPU inductor builds its kernels with a C++ compiler (on
+    Linux g++ or $CXX, whatever else is installed); without one the first step would fail, so the run
+    trains eagerly (same results, slower) and says why. Asks inductor's own compiler lookup."""
+    if device.type != "cpu":
         return True
-    log.warning(
-        "compile is on, but torch.compile on CPU needs a C++ compiler (g++, clang++ or $CXX) and none "
-        "is installed: training without it. Install g++ (e.g. apt-get install g++) for the compiled step"
-    )
-    return False
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch that moved it: let torch.compile decide
+        return True
+    try:
+        get_cpp_compiler()
+    except RuntimeError as e:  # torch._inductor.exc.InvalidCxxCompiler
+        log.warning(
+            "compile is on, but torch.compile on CPU needs a C++ compiler and found none (%s): training "
+            "without it. Install g++ (e.g. apt-get install g++) or set CXX for the compiled step",
+            e,
+        )
+        return False
+    return True
 
 
 def is_sharded(module: torch.nn.Module) -> bool:

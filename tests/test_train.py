@@ -489,17 +489,22 @@ def test_cli_flags_override_yaml_which_overrides_the_preset(tmp_path):
 
 
 def test_compile_without_a_cpp_compiler_trains_eagerly_and_says_why(monkeypatch, caplog):
-    """On CPU torch.compile builds C++ kernels: with no compiler installed the first step would fail,
-    so wrap() hands back the plain module (and warns); with one it compiles."""
+    """On CPU torch.compile builds C++ kernels: when inductor finds no compiler the first step would
+    fail, so wrap() hands back the plain module (and warns); with one it compiles."""
+    from torch._inductor import cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
     from gpt import parallel
     from gpt.device import Dist
 
+    def no_compiler():
+        raise InvalidCxxCompiler
+
     model = GPT(ModelConfig.preset("tiny", vocab_size=64))
     cpu = torch.device("cpu")
-    monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(parallel.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
     assert parallel.wrap(model, cpu, Dist(), compile=True) is not model  # compiled
-    monkeypatch.setattr(parallel.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     with caplog.at_level("WARNING", logger="gpt.parallel"):
         assert parallel.wrap(model, cpu, Dist(), compile=True) is model
     assert "C++ compiler" in caplog.text
