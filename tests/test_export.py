@@ -104,6 +104,37 @@ def test_the_fused_graph_uses_onnxruntimes_layer_norm_and_gelu_kernels_and_still
     assert parity["max_abs_diff"] <= 1e-5, parity
 
 
+def test_the_fusion_rewrite_keeps_a_model_whose_weights_are_external_data(tok, tmp_path):
+    """Models past protobuf's 2 GB keep their weights in model.onnx.data: the rewrite writes both files
+    anew (swapped in by rename) and the graph still loads them and gives the same logits."""
+    import onnxruntime as ort
+
+    from gpt.export import export_onnx
+    from gpt.onnx_ops import fuse_for_onnxruntime
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size)).eval()
+    inline = export_onnx(model, tmp_path / "inline.onnx")
+    (tmp_path / "ext").mkdir()
+    external = tmp_path / "ext" / "model.onnx"
+    onnx.save_model(
+        onnx.load(str(inline)),
+        str(external),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    fuse_for_onnxruntime(external)
+    assert sorted(p.name for p in external.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert external.stat().st_size < (external.parent / "model.onnx.data").stat().st_size  # still external
+    ids = np.array([[5, 6, 7]], dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(3)[None]}
+    for x in ort.InferenceSession(str(inline)).get_inputs()[3:]:
+        feed[x.name] = np.zeros((1, model.config.n_head, 0, model.config.head_dim), np.float32)
+    a, b = (ort.InferenceSession(str(p)).run(["logits"], feed)[0] for p in (inline, external))
+    assert np.abs(a - b).max() <= 1e-6
+
+
 def test_the_traced_attention_op_runs_in_pytorch_as_the_plain_path(tok):
     """Inside onnx_attention() a cached decode step goes through gptflow::cached_attention; run eagerly
     it must give the plain path's logits and cache (and not call itself again)."""
