@@ -53,6 +53,13 @@ Quantize = Literal["none", "int8", "int4", "int8,int4"]
 QUANTIZE = get_args(Quantize)
 BITS = {"int8": 8, "int4": 4}
 EXTERNAL_DATA_BYTES = 1_900_000_000  # protobuf's 2 GB limit, with room for the graph itself
+# Weights per scale when ExportConfig.quant_block_size is 0, measured with onnxruntime 1.32 on the
+# 124M shape (our runtime, batch 1) and the trained cpu-preset LM (held-out BBC text, 100 kB):
+#   int8  block 256 vs 128: 180.3 vs 172.0 tok/s, 128 new tokens, same run (2026-12-05); bits per byte
+#         +0.0017 % vs +0.0011 %, top-1 agreement 0.993 vs 0.994 (block 32: 55 tok/s where 128 ran 61).
+#   int4  block 128: +0.23 % bits per byte, top-1 0.914; block 256 ran 2.9 % faster but +0.26 %, top-1
+#         0.900; block 32 / 64 / 128 ran 126 / 147 / 161 tok/s (2026-12-03, 64 new tokens).
+DEFAULT_BLOCK_SIZE = {"int8": 256, "int4": 128}
 
 
 @dataclass
@@ -61,9 +68,7 @@ class ExportConfig(ConfigBase):
 
     opset: int = 18  # ONNX opset; >= 18 (the dynamo exporter's opset 17 emits an invalid Split)
     quantize: str = "none"  # none | int8 | int4 | int8,int4: also write <out>-int8 / <out>-int4 (weight-only)
-    quant_block_size: int = (
-        0  # weights per scale along the input dim: a power of two >= 16; 0 = 128 (int8 and int4)
-    )
+    quant_block_size: int = 0  # weights per scale along the input dim: a power of two >= 16; 0 = int8 256, int4 128
     # 124M shape, int4, batch 1: accuracy level 4 ran 80.5 tok/s, level 0 39.3 (see quantize_weights).
     quant_accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations per row and block, 0 = fp32
     max_bpb_increase: float = 0.03  # refuse a quantized LM whose eval bits per byte rise more (relative)
@@ -95,12 +100,8 @@ class ExportConfig(ConfigBase):
         _one_of(self, "quant_accuracy_level", (0, 1, 2, 3, 4))
 
     def block_size(self, precision: str) -> int:
-        """Weights per scale for ``precision``. The default, 128, measured on the 124M shape:
-        int8 at 128 ran 61 tok/s and at 32 55 (its scales are 12 % of the bytes read). int4, with
-        onnxruntime 1.32 (2026-12-03, our runtime, 64 new tokens): block 32 / 64 / 128 ran 126 / 147
-        / 161 tok/s at batch 1 and 311 / 327 / 390 at batch 8; on the trained cpu-preset LM, held-out
-        BBC text, block 128 costs +0.22 % bits per byte (block 32: +0.16 %), top-1 agreement 0.920."""
-        return self.quant_block_size or 128
+        """Weights per scale for ``precision`` (``DEFAULT_BLOCK_SIZE`` unless set)."""
+        return self.quant_block_size or DEFAULT_BLOCK_SIZE[precision]
 
     @property
     def precisions(self) -> list[str]:

@@ -226,7 +226,11 @@ def test_quantized_bundles_record_their_precision_and_stay_within_the_cost_limit
     cost = cfg["quality_cost"]
     assert cfg["precision"] == precision and cfg["fp32_bundle"] == "bundle"
     assert cfg["quantization"]["bits"] == int(precision[-1])
-    assert cfg["quantization"]["block_size"] == 128
+    assert (
+        cfg["quantization"]["block_size"]
+        == ExportConfig().block_size(precision)
+        == {"int8": 256, "int4": 128}[precision]
+    )
     ops = {n.op_type for n in onnx.load(f"{result[f'bundle_{precision}']}/model.onnx").graph.node}
     assert "MatMulNBits" in ops and ("GatherBlockQuantized" in ops) == (precision == "int4")
     assert cost["bits_per_byte_fp32"] < 4.0, "the fixture did not learn; the cost would prove little"
