@@ -68,7 +68,7 @@ class ExportConfig(ConfigBase):
 
     opset: int = 18  # ONNX opset; >= 18 (the dynamo exporter's opset 17 emits an invalid Split)
     quantize: str = "none"  # none | int8 | int4 | int8,int4: also write <out>-int8 / <out>-int4 (weight-only)
-    quant_block_size: int = 0  # weights per scale along the input dim: a power of two >= 16; 0 = int8 256, int4 128
+    quant_block_size: int = 0  # weights per scale (input dim), a power of two >= 16; 0 = int8 256, int4 128
     # 124M shape, int4, batch 1: accuracy level 4 ran 80.5 tok/s, level 0 39.3 (see quantize_weights).
     quant_accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations per row and block, 0 = fp32
     max_bpb_increase: float = 0.03  # refuse a quantized LM whose eval bits per byte rise more (relative)
