@@ -81,14 +81,14 @@ def make_quantized(fp32: Path, precision: str, cfg: ExportConfig) -> Path:
     """The sibling `gptflow export --quantize` writes (same quantizer and settings; no quality gate)."""
     out = fp32.with_name(f"{fp32.name}-{precision}")
     shutil.copytree(fp32, out)
+    config = BundleConfig.read(out)
     how = quantize_weights(
         fp32 / ONNX_FILE,
         out / ONNX_FILE,
         BITS[precision],
-        cfg.block_size(precision),
+        cfg.block_size(precision, config.model["n_embd"]),
         cfg.quant_accuracy_level,
     )
-    config = BundleConfig.read(out)
     config.precision, config.quantization = precision, how
     config.write(out)
     return out

@@ -226,11 +226,8 @@ def test_quantized_bundles_record_their_precision_and_stay_within_the_cost_limit
     cost = cfg["quality_cost"]
     assert cfg["precision"] == precision and cfg["fp32_bundle"] == "bundle"
     assert cfg["quantization"]["bits"] == int(precision[-1])
-    assert (
-        cfg["quantization"]["block_size"]
-        == ExportConfig().block_size(precision)
-        == {"int8": 256, "int4": 128}[precision]
-    )
+    n_embd = cfg["model"]["n_embd"]  # 64: the defaults (int8 256, int4 128) halve to divide it
+    assert cfg["quantization"]["block_size"] == ExportConfig().block_size(precision, n_embd) == 64
     ops = {n.op_type for n in onnx.load(f"{result[f'bundle_{precision}']}/model.onnx").graph.node}
     assert "MatMulNBits" in ops and ("GatherBlockQuantized" in ops) == (precision == "int4")
     assert cost["bits_per_byte_fp32"] < 4.0, "the fixture did not learn; the cost would prove little"
@@ -325,6 +322,15 @@ def test_export_config_rejects_opset_17_and_unknown_quantization():
         ExportConfig(quantize="int3")
     with pytest.raises(ValueError, match="quant_block_size"):
         ExportConfig(quantize="int4", quant_block_size=48)
+
+
+def test_the_default_block_size_divides_the_models_width():
+    """MatMulNBits pads every column to whole blocks: a block that does not divide n_embd reads zeros."""
+    cfg = ExportConfig()
+    assert [cfg.block_size("int8", n) for n in (768, 1024, 384, 64, 96)] == [256, 256, 128, 64, 32]
+    assert [cfg.block_size("int4", n) for n in (768, 384, 64)] == [128, 128, 64]
+    assert cfg.block_size("int8", 200) == 256  # no power of two >= 32 divides 200: the default stays
+    assert ExportConfig(quant_block_size=32).block_size("int8", 768) == 32  # a setting is taken as given
 
 
 def test_cli_generates_and_classifies_from_bundles(exported, classifier, capsys):
