@@ -33,6 +33,7 @@ import sentencepiece as spm
 
 from gpt.bundle import (
     CONFIG_FILE,
+    LOGITS_TO_KEEP,
     ONNX_FILE,
     TOKENIZER_FILE,
     BundleConfig,
@@ -308,6 +309,10 @@ class OnnxLM(_Bundle):
         # past tensor, longer than its tokens and bound as its own present, so a step writes one new
         # column instead of copying the whole cache. On the GPU the cache stays in OrtValues.
         self.kv_in_place = config.kv_cache == "in_place" and self.device == "cpu"
+        # Prefills that sample only from the last position ask for its logits alone (graphs that
+        # take logits_to_keep): the vocabulary projection of the other positions is skipped.
+        # (onnxruntime lists an input with a default among the overridable initializers.)
+        self.keeps_last = LOGITS_TO_KEEP in {x.name for x in self.session.get_overridable_initializers()}
 
     @property
     def in_place_cache(self) -> bool:
@@ -327,21 +332,27 @@ class OnnxLM(_Bundle):
         pos: np.ndarray,
         past: list,
         in_place: CacheBinding | None = None,
+        last_only: bool = False,
     ) -> tuple[np.ndarray, list]:
         """Logits (B, T, V) and the new cache (OrtValues; numpy arrays with plain run).
 
         ``in_place``: ``past`` are C-contiguous buffers (B, nh, capacity, hs) with capacity >= the
         mask's columns; the graph writes the new keys and values into them, and they are returned.
-        The binding of those buffers is kept in ``in_place`` for the next step over the same ones."""
+        The binding of those buffers is kept in ``in_place`` for the next step over the same ones.
+        ``last_only``: the caller reads only the last position's logits; graphs that can skip the
+        others (``keeps_last``) then return (B, 1, V)."""
         if in_place is not None:
             return self._forward_in_place(ids, mask, pos, past, in_place), past
+        keep = {LOGITS_TO_KEEP: np.ones(1, dtype=np.int64)} if last_only and self.keeps_last else {}
         if not self.use_io_binding:
-            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **keep}
             feed.update(zip(self.past_names, past, strict=True))
             out = self.session.run(self.output_names, feed)
             return out[0], out[1:]
         binding = self.session.io_binding()
-        logits = self._bind_step(binding, ids, mask, pos)  # logits first: get_outputs() keeps this order
+        for name, value in keep.items():  # (bind_cpu_input cannot name an input with a default)
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
+        logits = self._bind_step(binding, ids, mask, pos, positions=1 if keep else ids.shape[1])
         for name, value in zip(self.past_names, past, strict=True):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
@@ -373,13 +384,14 @@ class OnnxLM(_Bundle):
         return logits
 
     def _bind_step(
-        self, binding: ort.IOBinding, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray
+        self, binding: ort.IOBinding, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, positions: int = 0
     ) -> np.ndarray:
-        """Bind the step's ids, mask and positions, and a numpy array for onnxruntime to write the logits into."""
+        """Bind the step's ids, mask and positions, and a numpy array for onnxruntime to write the
+        logits of the last ``positions`` (0: all) into."""
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
-        logits = np.empty((*ids.shape, self.vocab_size), dtype=np.float32)
+        logits = np.empty((ids.shape[0], positions or ids.shape[1], self.vocab_size), dtype=np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         return logits
 
@@ -678,7 +690,7 @@ class DecodeBatch:
             mask[i, T - len(r.pending) :] = 1
             r.cached = len(r.pending)
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        logits, present = lm._forward(ids, mask, pos, lm._empty_past(n))
+        logits, present = lm._forward(ids, mask, pos, lm._empty_past(n), last_only=True)
         self.calls += 1
         out += self._sample(fresh, logits[:, -1, :])
         keep = [i for i, r in enumerate(fresh) if not r.done]

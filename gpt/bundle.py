@@ -48,6 +48,9 @@ KV_CACHES = ("concat", "in_place")
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
+# An optional decoder input (int64 [1], default 0 = every position): logits for the last N positions
+# only. Bundles exported before it lack it and always return every position's logits.
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 def lm_io_names(n_layer: int) -> tuple[list[str], list[str]]:

@@ -133,7 +133,7 @@ def export_onnx(model: GPT, path: Path, opset: int = 18, fused_attention: bool =
     import torch.nn as nn
 
     from gpt import kernels
-    from gpt.onnx_ops import attention_translation, fuse_for_onnxruntime
+    from gpt.onnx_ops import add_logits_to_keep, attention_translation, fuse_for_onnxruntime
 
     class DecoderForExport(nn.Module):
         """``GPT.decode`` with the cache as nested lists (the exporter flattens them in order)."""
@@ -205,6 +205,7 @@ def export_onnx(model: GPT, path: Path, opset: int = 18, fused_attention: bool =
     if fuse:
         log.debug("onnxruntime fusions: %s", fuse_for_onnxruntime(path))
     if cfg.n_classes == 0:
+        add_logits_to_keep(path)
         _name_mask_axis(path, external)
     return path
 

@@ -172,7 +172,9 @@ def test_bundle_has_graph_io_names_and_config(exported):
     names = [i.name for i in m.graph.input]
     L = model.config.n_layer
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert names[3:] == [f"past_key_values.{i}.{k}" for i in range(L) for k in ("key", "value")]
+    assert names[3:-1] == [f"past_key_values.{i}.{k}" for i in range(L) for k in ("key", "value")]
+    assert names[-1] == "logits_to_keep"  # optional: its initializer, 0 (every position), is the default
+    assert [i.name for i in m.graph.initializer if i.name == "logits_to_keep"] == ["logits_to_keep"]
     assert [o.name for o in m.graph.output] == ["logits"] + [
         f"present.{i}.{k}" for i in range(L) for k in ("key", "value")
     ]

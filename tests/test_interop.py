@@ -87,7 +87,11 @@ def test_triton_config_matches_the_graphs_inputs_and_outputs(exported):
             for v in values
         ]
 
-    assert parse_pbtxt_tensors(text, "input") == real(graph.input)
+    # An input with an initializer is optional (logits_to_keep, default every position): Triton is
+    # given only the required ones, so its clients get the whole logits as before.
+    defaults = {i.name for i in graph.initializer}
+    assert parse_pbtxt_tensors(text, "input") == real([v for v in graph.input if v.name not in defaults])
+    assert "logits_to_keep" in [v.name for v in graph.input] and "logits_to_keep" in defaults
     assert parse_pbtxt_tensors(text, "output") == real(graph.output)
     names = [v.name for v in graph.input]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and "past_key_values.1.value" in names

@@ -310,6 +310,31 @@ def test_an_in_place_cache_decodes_as_the_concatenating_one(random_lm, monkeypat
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-6
 
 
+def test_a_prefill_asks_only_for_the_logits_it_samples_from(random_lm):
+    """The graph's optional logits_to_keep: a generating prefill gets the last position's logits
+    (the vocabulary projection of the others skipped); unfed, every position's, as scoring needs."""
+    plain = load_bundle(random_lm.bundle, providers=["CPUExecutionProvider"])
+    plain.use_io_binding = False
+    assert random_lm.keeps_last and plain.keeps_last
+    ids = np.array([[1, 40, 41, 42, 43], [0, 0, 1, 50, 51]], dtype=np.int64)
+    mask = (ids > 0).astype(np.int64)
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    for lm in (random_lm, plain):
+        full, _ = lm._forward(ids, mask, pos, lm._empty_past(2))
+        last, _ = lm._forward(ids, mask, pos, lm._empty_past(2), last_only=True)
+        assert full.shape == (2, 5, lm.vocab_size) and last.shape == (2, 1, lm.vocab_size)
+        assert np.abs(last[:, 0] - full[:, -1]).max() <= 1e-5
+    assert random_lm.logits([[1, 40, 41]]).shape == (1, 3, random_lm.vocab_size)
+    # Generation reads only the last position, so nothing it returns changes; the tokens equal torch's
+    # (export's greedy parity) and the plain step's (below).
+    calls = []
+    real = random_lm._forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(random_lm, "_forward", lambda *a, **k: calls.append(k.get("last_only")) or real(*a, **k))
+        random_lm.generate_ids([[1, 40, 41]], GenerationConfig(max_new_tokens=3, ignore_eos=True))
+    assert calls[0] is True  # the prefill
+
+
 def test_lean_step_gives_the_plain_steps_logits_and_tokens(random_lm):
     # The lean step (IOBinding, cache kept in OrtValues, logits written into numpy) is the default;
     # plain session.run with fresh numpy arrays is the reference.

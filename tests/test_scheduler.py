@@ -57,10 +57,10 @@ class Gated:
     def __getattr__(self, name):
         return getattr(self.lm, name)
 
-    def _forward(self, *args):
+    def _forward(self, *args, **kwargs):
         self.gate.wait(30)
         time.sleep(self.delay)
-        return self.lm._forward(*args)
+        return self.lm._forward(*args, **kwargs)
 
 
 def submit(sched, lm, prompt, cfg, n=1, deadline=60.0):

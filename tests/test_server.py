@@ -393,10 +393,10 @@ class SlowLM:
     def __getattr__(self, name):
         return getattr(self.lm, name)
 
-    def _forward(self, *args):
+    def _forward(self, *args, **kwargs):
         self.gate.wait(timeout=30)
         time.sleep(self.delay)
-        return self.lm._forward(*args)
+        return self.lm._forward(*args, **kwargs)
 
 
 def wait_until(predicate, timeout=10.0):
