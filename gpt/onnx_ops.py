@@ -124,6 +124,8 @@ def add_logits_to_keep(path) -> None:
 
     model = ir.load(str(path))
     graph = model.graph
+    if any(v.name == LOGITS_TO_KEEP for v in graph.inputs):
+        return  # rewritten already
     logits = next(v for v in graph.outputs if v.name == LOGITS)
     head = logits.producer()
     while head is not None and head.op_type in _POSITION_WISE:  # to the one input that is computed

@@ -110,7 +110,7 @@ def test_the_fusion_rewrite_keeps_a_model_whose_weights_are_external_data(tok, t
     import onnxruntime as ort
 
     from gpt.export import export_onnx
-    from gpt.onnx_ops import fuse_for_onnxruntime
+    from gpt.onnx_ops import add_logits_to_keep, fuse_for_onnxruntime
 
     torch.manual_seed(0)
     model = GPT(ModelConfig.preset("tiny", vocab_size=tok.vocab_size)).eval()
@@ -125,6 +125,7 @@ def test_the_fusion_rewrite_keeps_a_model_whose_weights_are_external_data(tok, t
         size_threshold=0,
     )
     fuse_for_onnxruntime(external)
+    add_logits_to_keep(external)  # export added it already: a second call leaves the graph as it is
     assert sorted(p.name for p in external.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert external.stat().st_size < (external.parent / "model.onnx.data").stat().st_size  # still external
     ids = np.array([[5, 6, 7]], dtype=np.int64)
@@ -133,6 +134,11 @@ def test_the_fusion_rewrite_keeps_a_model_whose_weights_are_external_data(tok, t
         feed[x.name] = np.zeros((1, model.config.n_head, 0, model.config.head_dim), np.float32)
     a, b = (ort.InferenceSession(str(p)).run(["logits"], feed)[0] for p in (inline, external))
     assert np.abs(a - b).max() <= 1e-6
+    last = ort.InferenceSession(str(external)).run(
+        ["logits"], {**feed, "logits_to_keep": np.ones(1, np.int64)}
+    )[0]
+    assert last.shape == (1, 1, a.shape[-1]) and np.abs(last[:, 0] - a[:, -1]).max() <= 1e-6
+    assert [n.op_type for n in onnx.load(str(external)).graph.node].count("Slice") == 1
 
 
 def test_the_traced_attention_op_runs_in_pytorch_as_the_plain_path(tok):
