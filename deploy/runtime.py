@@ -343,16 +343,19 @@ class OnnxLM(_Bundle):
         others (``keeps_last``) then return (B, 1, V)."""
         if in_place is not None:
             return self._forward_in_place(ids, mask, pos, past, in_place), past
-        keep = {LOGITS_TO_KEEP: np.ones(1, dtype=np.int64)} if last_only and self.keeps_last else {}
+        keep_last = last_only and self.keeps_last
+        one = np.ones(1, dtype=np.int64)
         if not self.use_io_binding:
-            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **keep}
+            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
             feed.update(zip(self.past_names, past, strict=True))
+            if keep_last:
+                feed[LOGITS_TO_KEEP] = one
             out = self.session.run(self.output_names, feed)
             return out[0], out[1:]
         binding = self.session.io_binding()
-        for name, value in keep.items():  # (bind_cpu_input cannot name an input with a default)
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
-        logits = self._bind_step(binding, ids, mask, pos, positions=1 if keep else ids.shape[1])
+        if keep_last:  # (bind_cpu_input cannot name an input that has a default)
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(one))
+        logits = self._bind_step(binding, ids, mask, pos, positions=1 if keep_last else 0)
         for name, value in zip(self.past_names, past, strict=True):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)

@@ -104,13 +104,15 @@ class ExportConfig(ConfigBase):
     def block_size(self, precision: str, n_embd: int = 0) -> int:
         """Weights per scale for ``precision``: ``quant_block_size`` when set; else the largest of
         ``DEFAULT_BLOCK_SIZE``, its half, ... (not below 32) that divides ``n_embd``, every quantized
-        matrix's input width being n_embd or 4 * n_embd. MatMulNBits pads each column to whole
-        blocks: at n_embd 384 a block of 256 would read 33 % more bytes than one of 128."""
+        matrix's input width being n_embd or 4 * n_embd; the default itself when none does.
+        MatMulNBits pads each column to whole blocks: at n_embd 384 a block of 256 would read 33 %
+        more weight bytes than one of 128."""
         if self.quant_block_size:
             return self.quant_block_size
-        preferred = DEFAULT_BLOCK_SIZE[precision]
-        sizes = [b for b in (preferred >> k for k in range(8)) if b >= 32]
-        return next((b for b in sizes if n_embd and n_embd % b == 0), preferred)
+        block = DEFAULT_BLOCK_SIZE[precision]
+        while n_embd % block and block > 32:
+            block //= 2
+        return block if n_embd % block == 0 else DEFAULT_BLOCK_SIZE[precision]
 
     @property
     def precisions(self) -> list[str]:
@@ -133,7 +135,7 @@ def export_onnx(model: GPT, path: Path, opset: int = 18, fused_attention: bool =
     import torch.nn as nn
 
     from gpt import kernels
-    from gpt.onnx_ops import add_logits_to_keep, attention_translation, fuse_for_onnxruntime
+    from gpt.onnx_ops import attention_translation, rewrite_decoder
 
     class DecoderForExport(nn.Module):
         """``GPT.decode`` with the cache as nested lists (the exporter flattens them in order)."""
@@ -202,10 +204,8 @@ def export_onnx(model: GPT, path: Path, opset: int = 18, fused_attention: bool =
             verbose=False,
         )
     program.save(str(path), external_data=external)
-    if fuse:
-        log.debug("onnxruntime fusions: %s", fuse_for_onnxruntime(path))
     if cfg.n_classes == 0:
-        add_logits_to_keep(path)
+        log.debug("decoder rewrites: %s", rewrite_decoder(path, fuse=fuse))
         _name_mask_axis(path, external)
     return path
 

@@ -61,10 +61,22 @@ def attention_translation(cfg):
     return cached_attention
 
 
-def fuse_for_onnxruntime(path) -> dict[str, int]:
-    """Rewrite the exported decoder at ``path`` (in place) with onnxruntime's fused kernels, using
-    onnxscript's own ORT fusion rules: residual add (+ bias) + LayerNorm -> SkipLayerNormalization,
-    GPT-2's tanh GELU -> FastGelu, each Reshape pair that only undoes itself (q/k/v viewed as
+def rewrite_decoder(path, fuse: bool = True) -> dict[str, int]:
+    """Rewrite the exported decoder at ``path`` in place, in one load and one save: onnxruntime's
+    fused kernels (``fuse``; see ``_fuse_for_onnxruntime``) and the optional ``logits_to_keep`` input
+    (``_add_logits_to_keep``). Returns how many of each rewrite was made."""
+    import onnx_ir as ir
+
+    model = ir.load(str(path))
+    counts = _fuse_for_onnxruntime(model) if fuse else {}
+    counts["logits_to_keep"] = _add_logits_to_keep(model)
+    _save_over(model, path)
+    return counts
+
+
+def _fuse_for_onnxruntime(model) -> dict[str, int]:
+    """Residual add (+ bias) + LayerNorm -> SkipLayerNormalization and GPT-2's tanh GELU -> FastGelu
+    (onnxscript's own ORT fusion rules), each Reshape pair that only undoes itself (q/k/v viewed as
     heads, then back as (B, T, C) for the attention op) removed, and the attention reading q, k, v
     packed where they come straight from the qkv projection. Returns how many of each.
 
@@ -72,13 +84,11 @@ def fuse_for_onnxruntime(path) -> dict[str, int]:
     none of these on our graph (measured, 124M shape, batch 1, int4: 370 -> 164 nodes, 4.07 -> 3.68 ms
     a step; then reading qkv packed, 152 nodes, 3.58 -> 3.42 ms in another run).
     The MatMuls are left as they are, for the weight-only quantizer to find."""
-    import onnx_ir as ir
     from onnx_ir.passes.common import ShapeInferencePass
     from onnxscript.optimizer import optimize
     from onnxscript.rewriter.ort_fusions.gelu import fuse_gelu
     from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_layer_normalization
 
-    model = ir.load(str(path))
     ShapeInferencePass()(model)
     optimize(model)
     counts = {"reshape_round_trips": _drop_reshape_round_trips(model)}
@@ -87,7 +97,6 @@ def fuse_for_onnxruntime(path) -> dict[str, int]:
     counts["fast_gelu"] = fuse_gelu(model)
     counts["packed_qkv"] = _pack_qkv(model)
     optimize(model)
-    _save_over(model, path)
     return counts
 
 
@@ -110,34 +119,36 @@ def _save_over(model, path) -> None:
         os.replace(out, path)
 
 
-_POSITION_WISE = {"Mul", "Div", "Tanh", "Add", "Cast"}  # what may follow the head (a logit soft-cap)
+_POSITION_WISE = {"Mul", "Div", "Tanh"}  # what may follow the head: a logit soft-cap
 
 
-def add_logits_to_keep(path) -> None:
-    """Give the decoder at ``path`` (rewritten in place) an optional input ``logits_to_keep`` (int64,
-    shape [1], default 0 = every position): with N > 0 the head reads only the last N positions, so
-    a prefill that only samples from its last position skips the vocabulary projection of the rest
-    (124M shape, our runtime, 8 prompts of 256 tokens to their first token: fp32 2.44 -> 1.65 s,
-    int8 1.92 -> 1.29 s). Callers that do not feed it (parity checks, scoring, onnxruntime-genai,
-    Triton) get every position, as before."""
+def _add_logits_to_keep(model) -> int:
+    """Give the decoder an optional input ``logits_to_keep`` (int64, shape [1], default 0 = every
+    position): with N > 0 the head reads only the last N positions, so a prefill that only samples
+    from its last position skips the vocabulary projection of the rest (124M shape, our runtime, 8
+    prompts of 256 tokens to their first token: fp32 2.44 -> 1.65 s, int8 1.92 -> 1.29 s). Callers
+    that do not feed it (parity checks, scoring, onnxruntime-genai, Triton) get every position, as
+    before. Returns 1, or 0 where the graph has the input already."""
     import onnx_ir as ir
 
-    model = ir.load(str(path))
     graph = model.graph
     if any(v.name == LOGITS_TO_KEEP for v in graph.inputs):
-        return  # rewritten already
-    logits = next(v for v in graph.outputs if v.name == LOGITS)
-    head = logits.producer()
-    while head is not None and head.op_type in _POSITION_WISE:  # to the one input that is computed
+        return 0
+    head = next(v for v in graph.outputs if v.name == LOGITS).producer()
+    while head is not None and head.op_type in _POSITION_WISE:  # to its one computed input
         computed = [x.producer() for x in head.inputs if x is not None and x.producer() is not None]
         computed = [n for n in computed if n.op_type != "Constant"]
         head = computed[0] if len(computed) == 1 else None
     if head is None or head.op_type != "MatMul":
-        raise ValueError(f"{path}: no MatMul found behind the logits output to slice the positions of")
+        raise ValueError("no MatMul found behind the decoder's logits output to slice the positions of")
 
     def constant(name: str, value: int) -> ir.Value:
-        v = ir.Value(name=name, const_value=ir.tensor(np.array([value], dtype=np.int64), name=name))
-        v.shape, v.type = ir.Shape([1]), ir.TensorType(ir.DataType.INT64)
+        v = ir.Value(
+            name=name,
+            shape=ir.Shape([1]),
+            type=ir.TensorType(ir.DataType.INT64),
+            const_value=ir.tensor(np.array([value], dtype=np.int64), name=name),
+        )
         graph.register_initializer(v)
         return v
 
@@ -149,7 +160,7 @@ def add_logits_to_keep(path) -> None:
     )
     graph.insert_before(head, [start, sliced])
     head.replace_input_with(0, sliced.outputs[0])
-    _save_over(model, path)
+    return 1
 
 
 def _drop_reshape_round_trips(model) -> int:
