@@ -3,7 +3,8 @@
 Baselines: TF-IDF + logistic regression for classification (character n-grams for Chinese);
 for completion tasks the un-finetuned pretrained model, the nearest train prompt's completion, and
 for headlines lead-1 (the article's first sentence cut to the median headline length). The
-pretrained model's bits per byte and perplexity on the held-out text are reported too.
+pretrained model's bits per byte and perplexity on the held-out text are reported too, and for
+completion tasks how well each model copies from its context (``gpt.scoring.copy_probe``).
 
     out_dir/metrics.json   out_dir/samples.md + samples.csv   out_dir/confusion_matrix.png (classification)
     out_dir/manifest.json  written last
@@ -253,6 +254,7 @@ def evaluate(
     """
     from gpt.device import resolve_device, resolve_precision
     from gpt.io import atomic_write_json, write_manifest
+    from gpt.scoring import copy_probe
 
     t_start = time.perf_counter()
     task = get_task(task)
@@ -324,6 +326,7 @@ def evaluate(
         scored = test[:limit] if limit else test
         inputs, refs = [e.input for e in scored], [e.target for e in scored]
         preds = greedy_complete(model, tokenizer, task, inputs, batch_size=batch_size, amp=amp)
+        report["copy_probe"] = {"finetuned": copy_probe(model)}
         report["n_scored"] = len(scored)
         report["metrics"] = completion_metrics(task.metrics, preds, refs)
         report["predict_seconds"] = round(time.perf_counter() - t0, 2)
@@ -338,6 +341,7 @@ def evaluate(
                 pre_model, pre_tok, task, inputs, batch_size=batch_size, amp=amp
             )
             log.info("un-finetuned model generated in %.1fs", time.perf_counter() - t0)
+            report["copy_probe"]["pretrained"] = copy_probe(pre_model)
             del pre_model
         for name, bp in base_preds.items():
             baselines[name] = completion_metrics(task.metrics, bp, refs)

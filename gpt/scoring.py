@@ -111,6 +111,33 @@ def evaluate_lm(
     return {f"val_{k}": m[k] for k in ("loss", "bpb", "ppl", "tokens", "bytes")}
 
 
+@torch.no_grad()
+def copy_probe(model: torch.nn.Module, rows: int = 16, length: int = 48, seed: int = 0) -> dict[str, float]:
+    """In-context copying: loss on random tokens, then on the same tokens repeated right after them.
+
+    Each row is EOS, ``length`` distinct random non-special tokens, then those tokens again. A model that can
+    copy from its context (induction heads, Olsson et al. 2022) predicts the repeat almost for free;
+    one that cannot scores both halves alike. Returns ``first`` and ``repeat`` (mean nats per token;
+    the repeat's first token is left out, nothing announces it) and ``gain`` = first - repeat.
+    Completion tasks that mostly reuse their input's words (headlines, extraction) need the gain.
+    """
+    model = unwrap(model)
+    device = next(model.parameters()).device
+    ordinary = model.config.vocab_size - EOS_ID - 1  # the non-special tokens
+    L = min(length, (model.config.block_size - 1) // 2, ordinary)
+    gen = torch.Generator().manual_seed(seed)
+    # Distinct tokens within a row, so that what to copy after each token is unambiguous.
+    first = torch.stack([torch.randperm(ordinary, generator=gen)[:L] for _ in range(rows)]) + EOS_ID + 1
+    seq = torch.cat([torch.full((rows, 1), EOS_ID), first, first], dim=1).to(device)
+    was_training = model.training
+    model.eval()
+    logits = model(seq[:, :-1])
+    model.train(was_training)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), seq[:, 1:], reduction="none")  # (rows, 2L)
+    out = {"first": float(nll[:, :L].mean()), "repeat": float(nll[:, L + 1 :].mean())}
+    return {**out, "gain": out["first"] - out["repeat"]}
+
+
 def text_windows(ids: Sequence[int], context: int) -> list[tuple[list[int], list[int]]]:
     """(inputs, targets) windows of ``ids`` that predict every token after the first once."""
     out = []

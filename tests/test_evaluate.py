@@ -181,4 +181,7 @@ def test_completion_report_scores_the_untuned_model_as_a_baseline(lm_dir, tmp_pa
     # The nearest train prompt shares the keyword, and its completion is the keyword.
     assert report["baselines"]["nearest_train"]["chrf"] == pytest.approx(100.0)
     assert report["pretrained_lm"]["bpb"] > 0
+    probe = report["copy_probe"]
+    assert probe["pretrained"] == probe["finetuned"]  # again one model: one probe (fixed seed)
+    assert probe["finetuned"]["first"] > 0
     assert (tmp_path / "ev" / "samples.csv").is_file()

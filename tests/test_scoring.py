@@ -13,7 +13,7 @@ from lm_fixtures import TEXT, random_lm_checkpoint
 from deploy.runtime import load_bundle
 from gpt.checkpoint import load_model
 from gpt.export import ExportConfig, export_bundle
-from gpt.scoring import evaluate_lm, score_texts, text_windows
+from gpt.scoring import copy_probe, evaluate_lm, score_texts, text_windows
 from gpt.tokenizer import EOS_ID, Tokenizer
 
 
@@ -82,3 +82,37 @@ def test_torch_scorer_and_onnx_runtime_agree_on_bits_per_byte(lm):
         one = score_texts(model, tok, [text])
         assert one["n_bytes"] == len(text.encode("utf-8"))
         assert -runtime.logprobs(text).sum() == pytest.approx(one["loss"] * one["n_tokens"], rel=1e-5)
+
+
+class _ContextModel(torch.nn.Module):
+    """A stand-in LM over a 512-token vocabulary whose logits come from a rule, not weights."""
+
+    config = type("Config", (), {"vocab_size": 512, "block_size": 128})
+
+    def __init__(self, copies: bool):
+        super().__init__()
+        self.copies = copies
+        self.bigram = torch.nn.Parameter(
+            3.0 * torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+        )
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = self.bigram[idx].detach().clone()  # (B, T, V): the current token alone decides
+        if self.copies:  # an induction oracle: what followed this token's last occurrence, at 50 nats
+            logits.zero_()
+            for b, row in enumerate(idx.tolist()):
+                for t, tok in enumerate(row):
+                    seen = [s for s in range(t) if row[s] == tok]
+                    if seen:
+                        logits[b, t, row[seen[-1] + 1]] = 50.0
+        return logits
+
+
+def test_copy_probe_scores_the_repeat_apart_from_the_first_pass():
+    oracle = copy_probe(_ContextModel(copies=True), rows=4, length=40)
+    assert oracle["first"] > math.log(512) - 0.2  # nothing to copy yet: about uniform
+    assert oracle["repeat"] < 1e-6  # the repeat's unannounced first token is left out
+    assert oracle["gain"] == pytest.approx(oracle["first"] - oracle["repeat"])
+    # A model that reads only the current token sees the same pairs twice: no gain.
+    blind = copy_probe(_ContextModel(copies=False), rows=4, length=40)
+    assert blind["first"] > 3.0 and abs(blind["gain"]) < 0.15 * blind["first"]
