@@ -249,8 +249,13 @@ def test_mlflow_models_serve_returns_generated_text(first_run):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"}
-    mlflow_cli = str(Path(sysconfig.get_path("scripts")) / "mlflow")
+    scripts = sysconfig.get_path("scripts")  # mlflow starts `uvicorn` from PATH: this environment's
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+        "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")]),
+    }
+    mlflow_cli = str(Path(scripts) / "mlflow")
     args = [mlflow_cli, "models", "serve", "-m", "models:/gptflow-lm@champion", "--env-manager", "local"]
     proc = subprocess.Popen(
         [*args, "--host", "127.0.0.1", "-p", str(port)],
