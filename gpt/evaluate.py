@@ -326,7 +326,8 @@ def evaluate(
         scored = test[:limit] if limit else test
         inputs, refs = [e.input for e in scored], [e.target for e in scored]
         preds = greedy_complete(model, tokenizer, task, inputs, batch_size=batch_size, amp=amp)
-        report["copy_probe"] = {"finetuned": copy_probe(model)}
+        probe = model.config.block_size >= 5  # room for a sequence and its repeat
+        report["copy_probe"] = {"finetuned": copy_probe(model)} if probe else {}
         report["n_scored"] = len(scored)
         report["metrics"] = completion_metrics(task.metrics, preds, refs)
         report["predict_seconds"] = round(time.perf_counter() - t0, 2)
@@ -341,7 +342,8 @@ def evaluate(
                 pre_model, pre_tok, task, inputs, batch_size=batch_size, amp=amp
             )
             log.info("un-finetuned model generated in %.1fs", time.perf_counter() - t0)
-            report["copy_probe"]["pretrained"] = copy_probe(pre_model)
+            if probe:
+                report["copy_probe"]["pretrained"] = copy_probe(pre_model)
             del pre_model
         for name, bp in base_preds.items():
             baselines[name] = completion_metrics(task.metrics, bp, refs)

@@ -125,6 +125,11 @@ def copy_probe(model: torch.nn.Module, rows: int = 16, length: int = 48, seed: i
     device = next(model.parameters()).device
     ordinary = model.config.vocab_size - EOS_ID - 1  # the non-special tokens
     L = min(length, (model.config.block_size - 1) // 2, ordinary)
+    if L < 2:
+        raise ValueError(
+            f"copy_probe needs block_size >= 5 and 2+ ordinary tokens (block_size "
+            f"{model.config.block_size}, vocab_size {model.config.vocab_size})"
+        )
     gen = torch.Generator().manual_seed(seed)
     # Distinct tokens within a row, so that what to copy after each token is unambiguous.
     first = torch.stack([torch.randperm(ordinary, generator=gen)[:L] for _ in range(rows)]) + EOS_ID + 1

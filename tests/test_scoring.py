@@ -116,3 +116,10 @@ def test_copy_probe_scores_the_repeat_apart_from_the_first_pass():
     # A model that reads only the current token sees the same pairs twice: no gain.
     blind = copy_probe(_ContextModel(copies=False), rows=4, length=40)
     assert blind["first"] > 3.0 and abs(blind["gain"]) < 0.15 * blind["first"]
+
+
+def test_copy_probe_names_a_context_too_short_for_a_repeat():
+    model = _ContextModel(copies=False)
+    model.config = type("Config", (), {"vocab_size": 512, "block_size": 4})
+    with pytest.raises(ValueError, match="block_size >= 5"):
+        copy_probe(model)

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if "pretrained_lm" in report:
         lm = report["pretrained_lm"]
         print(f"  pretrained LM on the test text: {lm['bpb']:.3f} bits/byte, perplexity {lm['ppl']:.1f}")
-    if "copy_probe" in report:
+    if report.get("copy_probe"):
         gains = ", ".join(f"{name} {p['gain']:+.2f}" for name, p in report["copy_probe"].items())
         print(f"  copying from the context (loss drop on a repeated random sequence, nats/token): {gains}")
     print(f"report in {out}")
