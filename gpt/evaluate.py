@@ -254,7 +254,7 @@ def evaluate(
     """
     from gpt.device import resolve_device, resolve_precision
     from gpt.io import atomic_write_json, write_manifest
-    from gpt.scoring import copy_probe
+    from gpt.scoring import copy_probe, copy_probe_fits
 
     t_start = time.perf_counter()
     task = get_task(task)
@@ -326,7 +326,7 @@ def evaluate(
         scored = test[:limit] if limit else test
         inputs, refs = [e.input for e in scored], [e.target for e in scored]
         preds = greedy_complete(model, tokenizer, task, inputs, batch_size=batch_size, amp=amp)
-        probe = model.config.block_size >= 5  # room for a sequence and its repeat
+        probe = copy_probe_fits(model)
         report["copy_probe"] = {"finetuned": copy_probe(model)} if probe else {}
         report["n_scored"] = len(scored)
         report["metrics"] = completion_metrics(task.metrics, preds, refs)

@@ -111,6 +111,17 @@ def evaluate_lm(
     return {f"val_{k}": m[k] for k in ("loss", "bpb", "ppl", "tokens", "bytes")}
 
 
+def _pass_length(config, length: int) -> int:
+    """Tokens per pass of ``copy_probe``: ``length``, at most what the context (EOS + two passes) and
+    the non-special vocabulary hold."""
+    return min(length, (config.block_size - 1) // 2, config.vocab_size - EOS_ID - 1)
+
+
+def copy_probe_fits(model: torch.nn.Module, length: int = 48) -> bool:
+    """Whether ``copy_probe`` can run on ``model``: passes of 2+ tokens (block_size >= 5)."""
+    return _pass_length(unwrap(model).config, length) >= 2
+
+
 @torch.no_grad()
 def copy_probe(model: torch.nn.Module, rows: int = 16, length: int = 48, seed: int = 0) -> dict[str, float]:
     """In-context copying: loss on random tokens, then on the same tokens repeated right after them.
@@ -122,22 +133,24 @@ def copy_probe(model: torch.nn.Module, rows: int = 16, length: int = 48, seed: i
     Completion tasks that mostly reuse their input's words (headlines, extraction) need the gain.
     """
     model = unwrap(model)
-    device = next(model.parameters()).device
-    ordinary = model.config.vocab_size - EOS_ID - 1  # the non-special tokens
-    L = min(length, (model.config.block_size - 1) // 2, ordinary)
+    cfg = model.config
+    L = _pass_length(cfg, length)
     if L < 2:
         raise ValueError(
-            f"copy_probe needs block_size >= 5 and 2+ ordinary tokens (block_size "
-            f"{model.config.block_size}, vocab_size {model.config.vocab_size})"
+            f"copy_probe needs block_size >= 5 and 2+ ordinary tokens (block_size {cfg.block_size}, "
+            f"vocab_size {cfg.vocab_size})"
         )
     gen = torch.Generator().manual_seed(seed)
     # Distinct tokens within a row, so that what to copy after each token is unambiguous.
+    ordinary = cfg.vocab_size - EOS_ID - 1
     first = torch.stack([torch.randperm(ordinary, generator=gen)[:L] for _ in range(rows)]) + EOS_ID + 1
-    seq = torch.cat([torch.full((rows, 1), EOS_ID), first, first], dim=1).to(device)
+    seq = torch.cat([torch.full((rows, 1), EOS_ID), first, first], dim=1).to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    logits = model(seq[:, :-1])
-    model.train(was_training)
+    try:
+        logits = model(seq[:, :-1])
+    finally:
+        model.train(was_training)
     nll = F.cross_entropy(logits.float().transpose(1, 2), seq[:, 1:], reduction="none")  # (rows, 2L)
     out = {"first": float(nll[:, :L].mean()), "repeat": float(nll[:, L + 1 :].mean())}
     return {**out, "gain": out["first"] - out["repeat"]}

@@ -13,7 +13,7 @@ from lm_fixtures import TEXT, random_lm_checkpoint
 from deploy.runtime import load_bundle
 from gpt.checkpoint import load_model
 from gpt.export import ExportConfig, export_bundle
-from gpt.scoring import copy_probe, evaluate_lm, score_texts, text_windows
+from gpt.scoring import copy_probe, copy_probe_fits, evaluate_lm, score_texts, text_windows
 from gpt.tokenizer import EOS_ID, Tokenizer
 
 
@@ -109,7 +109,9 @@ class _ContextModel(torch.nn.Module):
 
 
 def test_copy_probe_scores_the_repeat_apart_from_the_first_pass():
-    oracle = copy_probe(_ContextModel(copies=True), rows=4, length=40)
+    copier = _ContextModel(copies=True).train()
+    oracle = copy_probe(copier, rows=4, length=40)
+    assert copier.training  # the probe runs in eval mode and gives the model back as it was
     assert oracle["first"] > math.log(512) - 0.2  # nothing to copy yet: about uniform
     assert oracle["repeat"] < 1e-6  # the repeat's unannounced first token is left out
     assert oracle["gain"] == pytest.approx(oracle["first"] - oracle["repeat"])
@@ -120,6 +122,8 @@ def test_copy_probe_scores_the_repeat_apart_from_the_first_pass():
 
 def test_copy_probe_names_a_context_too_short_for_a_repeat():
     model = _ContextModel(copies=False)
+    assert copy_probe_fits(model)
     model.config = type("Config", (), {"vocab_size": 512, "block_size": 4})
+    assert not copy_probe_fits(model)  # what evaluate asks before probing
     with pytest.raises(ValueError, match="block_size >= 5"):
         copy_probe(model)
